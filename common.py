@@ -1,0 +1,1089 @@
+"""Shared utilities for the GAN scripts. Nothing here is specific to one method.
+
+Sections, top to bottom:
+  1. Errors       UserError and the one-line error path
+  2. Data         every data set of DESIGN section 3, in memory, batched by indexing
+  3. Networks     MLP and Radford DCGAN nets; K generators (or critics) run as one module
+  4. Run plumbing flags, device, seeding, AMP, DDP, checkpoints, logging, outputs
+  5. Metrics      2-D mode coverage, the digit classifier, fd_digits, stacked modes
+"""
+import argparse
+import contextlib
+import csv
+import glob
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------
+# 1. Errors
+# ----------------------------------------------------------------------------
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+def run_main(main):
+    """Run `main()`; turn a UserError into one line and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of the full usage block."""
+
+    def error(self, message):
+        print(f'{self.prog}: error: {message} (run with --help for the flags)', file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------
+# 2. Data
+# ----------------------------------------------------------------------------
+
+IMAGE_SETS = ('digits', 'stacked-digits', 'mnist', 'fashion-mnist', 'cifar10', 'stacked-mnist',
+              'folder', 'celeba')
+TOY_SETS = ('ring8', 'grid25')
+DATASETS = IMAGE_SETS + TOY_SETS
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+STACKED_SIZE = {'stacked-digits': 20000, 'stacked-mnist': 60000}
+
+
+@dataclass
+class Data:
+    """A whole data set in memory: uint8 images (N, C, H, W) or float 2-D points (N, 2)."""
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor = None          # int64 labels (N,), or None
+    n_classes: int = 0              # 0 when unlabelled
+    centres: torch.Tensor = None    # 2-D sets: mode centres (M, 2)
+    std: float = 0.0                # 2-D sets: std of each Gaussian
+    flip: bool = False              # random horizontal flips per batch
+
+    def __len__(self):
+        return len(self.x)
+
+    @property
+    def is_2d(self):
+        return self.centres is not None
+
+    @property
+    def shape(self):
+        """Shape of one sample: (C, H, W) or (2,)."""
+        return tuple(self.x.shape[1:])
+
+    def batch(self, index):
+        """Samples at `index` as float in [-1, 1] (images) and their labels (or None)."""
+        x = self.x[index]
+        if x.dtype == torch.uint8:
+            x = x.float().div_(127.5).sub_(1.0)
+            if self.flip:
+                flip = torch.rand(len(x), device=x.device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x, (None if self.y is None else self.y[index])
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)
+        return Data(self.name, move(self.x), move(self.y), self.n_classes, move(self.centres),
+                    self.std, self.flip)
+
+
+def resize_uint8(images, size):
+    """Resize uint8 images (N, C, H, W) to size x size (bilinear, antialiased), kept as uint8."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode='bilinear', antialias=True,
+                        align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def set_channels(images, channels):
+    """Grey to colour by repetition, colour to grey by luminance."""
+    if channels is None or images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.repeat(1, 3, 1, 1)
+    grey = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return grey.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_digits():
+    """The embedded UCI digits: uint8 images (1797, 1, 8, 8) in 0..255, int64 labels."""
+    with np.load(os.path.join(REPO_DIR, 'data', 'digits.npz')) as f:
+        return torch.from_numpy(f['images'])[:, None], torch.from_numpy(f['labels']).long()
+
+
+def torchvision_files(name):
+    return {
+        'mnist': 'MNIST/raw/train-images-idx3-ubyte and train-labels-idx1-ubyte (or their .gz)',
+        'fashion-mnist': 'FashionMNIST/raw/train-images-idx3-ubyte and train-labels-idx1-ubyte (or their .gz)',
+        'cifar10': 'cifar-10-batches-py/ (or cifar-10-python.tar.gz)',
+    }[name]
+
+
+def load_torchvision(name, data_root):
+    """MNIST, Fashion-MNIST or CIFAR-10 training images as uint8 (N, C, H, W) and labels."""
+    import torchvision
+    cls = {'mnist': torchvision.datasets.MNIST, 'fashion-mnist': torchvision.datasets.FashionMNIST,
+           'cifar10': torchvision.datasets.CIFAR10}[name]
+    try:
+        try:
+            ds = cls(data_root, train=True, download=False)
+        except RuntimeError:  # not there yet: the real download path, for users who are online
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds = cls(data_root, train=True, download=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'cannot find or download {name} ({reason}); place '
+                        f'{torchvision_files(name)} under {os.path.abspath(data_root)}')
+    images = torch.as_tensor(np.asarray(ds.data))
+    images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()
+
+
+def load_folder(root, img_size, channels):
+    """Every image under `root` (recursive): center-crop to square, resize, uint8 (N, C, S, S)."""
+    from PIL import Image
+    if not os.path.isdir(root):
+        raise UserError(f'image folder {root} does not exist: pass --data_root DIR with your images')
+    paths = sorted(p for p in glob.glob(os.path.join(root, '**', '*'), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise UserError(f'no images under {root} (looked for {" ".join(IMAGE_EXTENSIONS)}): '
+                        f'pass --data_root DIR with your images')
+    mode = 'L' if channels == 1 else 'RGB'
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side))
+                im = im.resize((img_size, img_size), Image.Resampling.BICUBIC)
+                images.append(np.asarray(im, dtype=np.uint8).reshape(img_size, img_size, -1))
+        except Exception as e:
+            raise UserError(f'cannot read image {path} ({type(e).__name__}): remove or replace it')
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def stack_three(images, labels, n, seed=1234):
+    """Stacked data: three random grey images as R, G, B; the label is the digit triple (1000 modes)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(images), (n, 3), generator=g)
+    stacked = images[pick][:, :, 0]                     # (n, 3, H, W)
+    triple = labels[pick]
+    return stacked, triple[:, 0] * 100 + triple[:, 1] * 10 + triple[:, 2]
+
+
+def toy_centres(name):
+    if name == 'ring8':
+        angles = torch.arange(8) * (2 * math.pi / 8)
+        return torch.stack([2 * angles.cos(), 2 * angles.sin()], 1), 0.02
+    grid = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
+    return torch.cartesian_prod(grid, grid), 0.05
+
+
+def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_toy=100_000,
+              seed=1234):
+    """Load a data set of DESIGN section 3 into memory (CPU); `.to(device)` moves it."""
+    if name not in DATASETS:
+        raise UserError(f'unknown data set {name!r}: choose one of {", ".join(DATASETS)}')
+    if name in TOY_SETS:
+        centres, std = toy_centres(name)
+        g = torch.Generator().manual_seed(seed)
+        mode = torch.randint(len(centres), (n_toy,), generator=g)
+        points = centres[mode] + std * torch.randn(n_toy, 2, generator=g)
+        return Data(name, points, mode, len(centres), centres, std)
+
+    n_classes = 10
+    if name in ('digits', 'stacked-digits'):
+        images, labels = load_digits()
+    elif name in ('folder', 'celeba'):
+        images, labels, n_classes = load_folder(data_root, img_size, channels), None, 0
+    else:
+        images, labels = load_torchvision('mnist' if name == 'stacked-mnist' else name, data_root)
+    if name.startswith('stacked-'):
+        images, labels = stack_three(images, labels, STACKED_SIZE[name])
+        n_classes = 1000
+    if subset:
+        images, labels = images[:subset], (None if labels is None else labels[:subset])
+    images = set_channels(resize_uint8(images, img_size), channels)
+    return Data(name, images.contiguous(), labels, n_classes)
+
+
+class Batches:
+    """Shuffled mini-batches of an in-memory data set, drawn by indexing on its device.
+
+    Batch b of epoch e is a pure function of (seed, e, b, rank): resuming needs no loader
+    state, and each DDP rank takes its own slice of the same permutation.
+    """
+
+    def __init__(self, data, batch_size, seed=0, rank=0, world_size=1):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = len(data) // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise UserError(f'--batch_size {batch_size} x {world_size} process(es) is more than the '
+                            f'{len(data)} samples of {data.name}: lower --batch_size')
+        self.epoch, self.order = None, None
+
+    def get(self, iteration):
+        """(x, y) for global iteration `iteration` (one batch per iteration)."""
+        epoch, b = divmod(iteration, self.per_epoch)
+        if epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.order = torch.randperm(len(self.data), generator=g).to(self.data.x.device)
+            self.epoch = epoch
+        start = (b * self.world_size + self.rank) * self.batch_size
+        return self.data.batch(self.order[start:start + self.batch_size])
+
+
+# ----------------------------------------------------------------------------
+# 3. Networks
+#
+# Multi-generator methods run K networks of identical shape. Rather than a Python loop over
+# K modules, one module holds all K: linear layers as a batched matmul over a leading member
+# axis, conv layers as grouped convolutions, batch norm with per-member statistics. Member k's
+# parameters are slices of the stacked tensors, so the K networks stay exactly independent
+# (Adam, RMSprop and clipping act elementwise), and K = 1 is the ordinary network.
+# ----------------------------------------------------------------------------
+
+class EnsembleLinear(nn.Module):
+    """K independent Linear layers as one batched matmul: (K, B, in) -> (K, B, out)."""
+
+    def __init__(self, n_members, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n_members, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialisation
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleBatchNorm(nn.Module):
+    """BatchNorm1d with separate statistics and affine parameters per member: (K, B, F)."""
+
+    def __init__(self, n_members, features, eps=1e-5):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(n_members * features, eps=eps)
+
+    def forward(self, x):
+        k, b, f = x.shape
+        y = self.norm(x.transpose(0, 1).reshape(b, k * f))
+        return y.view(b, k, f).transpose(0, 1)
+
+
+class MLPGenerators(nn.Module):
+    """K MLP generators z -> x, run as one module. Returns (K, B, *out_shape).
+
+    Defaults are the classic WGAN generator: latent -> 128 -> 256 -> 512 -> 1024 -> x,
+    BatchNorm on all hidden layers but the first, LeakyReLU 0.2, Tanh output.
+    """
+
+    def __init__(self, n_gen, latent_dim, out_shape, hidden=(128, 256, 512, 1024), batchnorm=True,
+                 tanh=True):
+        super().__init__()
+        self.n_gen, self.out_shape = n_gen, tuple(out_shape)
+        layers, width = [], latent_dim
+        for i, h in enumerate(hidden):
+            layers.append(EnsembleLinear(n_gen, width, h))
+            if batchnorm and i > 0:
+                layers.append(EnsembleBatchNorm(n_gen, h))
+            layers.append(nn.LeakyReLU(0.2))
+            width = h
+        layers.append(EnsembleLinear(n_gen, width, math.prod(out_shape)))
+        if tanh:
+            layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        """z: (B, latent) shared by all generators, or (K, B, latent) one batch each."""
+        if z.dim() == 2:
+            z = z.expand(self.n_gen, *z.shape)
+        return self.net(z).view(self.n_gen, z.shape[1], *self.out_shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """Classic WGAN/GAN MLP critic: x -> 512 -> 256 -> n_out with LeakyReLU 0.2, no norm.
+
+    With n_nets = 1 it maps (B, *shape) to (B,) (or (B, n_out)); with n_nets = K > 1 it holds K
+    independent critics and maps (K, B, *shape), or (B, *shape) shown to all, to (K, B[, n_out]).
+    """
+
+    def __init__(self, in_shape, hidden=(512, 256), n_out=1, n_nets=1):
+        super().__init__()
+        self.n_nets, self.n_out = n_nets, n_out
+        layers, width = [], math.prod(in_shape)
+        for h in hidden:
+            layers += [EnsembleLinear(n_nets, width, h), nn.LeakyReLU(0.2)]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = EnsembleLinear(n_nets, width, n_out)
+        self.feature_dim = width
+
+    def forward(self, x):
+        k = self.n_nets
+        if k == 1 or x.dim() == 2 or x.shape[0] != k:
+            x = x.reshape(1, len(x), -1).expand(k, -1, -1)
+        else:
+            x = x.reshape(k, x.shape[1], -1)
+        out = self.head(self.body(x))
+        out = out.squeeze(-1) if self.n_out == 1 else out
+        return out[0] if k == 1 else out
+
+
+def check_image_size(img_size, smallest=16, largest=None):
+    ok = img_size >= smallest and img_size & (img_size - 1) == 0
+    if not ok or (largest and img_size > largest):
+        top = f' and at most {largest}' if largest else ''
+        raise UserError(f'--img_size {img_size} cannot be made by the conv nets: use a power of two '
+                        f'of at least {smallest}{top} (e.g. 32 or 64)')
+
+
+def dcgan_init_(module):
+    """Radford et al.'s initialisation: conv weights N(0, 0.02), BN gains N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+class DCGANGenerators(nn.Module):
+    """K Radford DCGAN generators as one module of grouped transposed convolutions.
+
+    z (B, latent) shared, or (K, B, latent) -> images (K, B, C, S, S). Each generator:
+    4x4 with ngf * S/8 channels, then doubling resolution and halving channels (BN, ReLU),
+    Tanh output; at S = 64 and ngf = 64 this is exactly pytorch/examples' DCGAN generator.
+    """
+
+    def __init__(self, n_gen, latent_dim, img_size, channels, ngf=64):
+        super().__init__()
+        check_image_size(img_size)
+        self.n_gen, self.latent_dim, self.channels = n_gen, latent_dim, channels
+        k, width = n_gen, ngf * img_size // 8
+        layers = [nn.ConvTranspose2d(k * latent_dim, k * width, 4, 1, 0, bias=False, groups=k),
+                  nn.BatchNorm2d(k * width), nn.ReLU(True)]
+        size = 4
+        while size * 2 < img_size:
+            layers += [nn.ConvTranspose2d(k * width, k * width // 2, 4, 2, 1, bias=False, groups=k),
+                       nn.BatchNorm2d(k * width // 2), nn.ReLU(True)]
+            width, size = width // 2, size * 2
+        layers += [nn.ConvTranspose2d(k * width, k * channels, 4, 2, 1, bias=False, groups=k), nn.Tanh()]
+        self.net = dcgan_init_(nn.Sequential(*layers))
+
+    def forward(self, z):
+        k = self.n_gen
+        if z.dim() == 2:
+            z = z.repeat(1, k)                                   # (B, K * latent)
+        else:
+            z = z.transpose(0, 1).reshape(z.shape[1], -1)       # (B, K * latent)
+        x = self.net(z[:, :, None, None])                        # (B, K * C, S, S)
+        return x.view(len(x), k, self.channels, *x.shape[2:]).transpose(0, 1)
+
+
+class DCGANDiscriminator(nn.Module):
+    """Radford DCGAN discriminator: strided convs, BN (not on the first), LeakyReLU 0.2, logits.
+
+    `body` maps images to features (B, feature_dim); `head` gives n_out logits. With
+    n_nets = K > 1 it holds K discriminators as grouped convs and maps (K, B, C, S, S), or
+    (B, C, S, S) shown to all, to (K, B[, n_out]); with n_nets = 1, (B, C, S, S) -> (B[, n_out]).
+    """
+
+    def __init__(self, img_size, channels, ndf=64, n_out=1, n_nets=1, batchnorm=True):
+        super().__init__()
+        check_image_size(img_size)
+        k, width, size = n_nets, ndf, img_size // 2
+        self.n_nets, self.n_out, self.channels = n_nets, n_out, channels
+        layers = [nn.Conv2d(k * channels, k * ndf, 4, 2, 1, bias=False, groups=k), nn.LeakyReLU(0.2, True)]
+        while size > 4:
+            layers += [nn.Conv2d(k * width, k * width * 2, 4, 2, 1, bias=False, groups=k)]
+            layers += [nn.BatchNorm2d(k * width * 2)] if batchnorm else []
+            layers += [nn.LeakyReLU(0.2, True)]
+            width, size = width * 2, size // 2
+        self.body = dcgan_init_(nn.Sequential(*layers))
+        self.head = dcgan_init_(nn.Conv2d(k * width, k * n_out, 4, 1, 0, bias=False, groups=k))
+        self.feature_dim = width * 16
+
+    def features(self, x):
+        """(B, K * width, 4, 4) features of the body; a second head can share them."""
+        k = self.n_nets
+        if k > 1:
+            x = x.expand(k, *x.shape) if x.dim() == 4 else x
+            x = x.transpose(0, 1).reshape(x.shape[1], k * self.channels, *x.shape[3:])
+        return self.body(x)
+
+    def forward(self, x):
+        out = self.head(self.features(x)).view(-1, self.n_nets, self.n_out).transpose(0, 1)
+        out = out.squeeze(-1) if self.n_out == 1 else out
+        return out[0] if self.n_nets == 1 else out
+
+
+# ----------------------------------------------------------------------------
+# 4. Run plumbing
+# ----------------------------------------------------------------------------
+
+def base_parser(description, dataset='digits'):
+    """The flags every script shares (DESIGN section 2). Scripts add their own and set_defaults."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a('--dataset', default=dataset, choices=DATASETS, help='data set (DESIGN section 3)')
+    a('--data_root', default='./data', help='where torchvision data sets, folders and caches live')
+    a('--subset', type=int, default=0, help='use only the first N images (0 = all)')
+    a('--img_size', type=int, default=32, help='image size (a power of two for conv nets)')
+    a('--channels', type=int, choices=(1, 3), default=None, help='image channels (default: the data set\'s)')
+    a('--batch_size', type=positive_int, default=64, help='batch size per process')
+    a('--lr', type=float, default=2e-4, help='learning rate')
+    a('--b1', type=float, default=0.5, help='Adam beta1')
+    a('--b2', type=float, default=0.999, help='Adam beta2')
+    a('--latent_dim', type=positive_int, default=100, help='size of z')
+    a('--n_epochs', type=positive_int, default=20, help='training length in epochs')
+    a('--n_iters', type=positive_int, default=None, help='training length in iterations (wins over --n_epochs)')
+    a('--sample_interval', type=int, default=500, help='iterations between sample grids (0 = end only)')
+    a('--log_interval', type=positive_int, default=100, help='iterations between log lines')
+    a('--eval_interval', type=int, default=0, help='iterations between quality metrics (0 = end only)')
+    a('--eval_samples', type=int, default=0, help='samples for metrics (0 = 2,500 for 2-D, 2,000 for '
+      'fd_digits, 26,000 for stacked modes)')
+    a('--out_dir', default=None, help='run folder (default runs/<script>/<dataset>-NNN, never reused)')
+    a('--resume', default=None, help='a run folder, or "last": continue from its checkpoint')
+    a('--ckpt_interval', type=int, default=1000, help='iterations between checkpoints (0 = end only)')
+    a('--seed', type=int, default=0, help='random seed')
+    a('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    a('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16 + GradScaler)')
+    a('--compile', action='store_true', help='torch.compile the networks')
+    a('--ddp', action='store_true', help='force DDP (automatic under torchrun)')
+    a('--fid_every', type=int, default=0, help='iterations between FIDs via fid.py (0 = off)')
+    a('--fid_samples', type=int, default=10000, help='generated samples per FID')
+    a('--fid_weights', default=None, help='FID Inception weights (default: $FID_WEIGHTS or the torch hub cache)')
+    return p
+
+
+def resolve_device(name, local_rank=0):
+    if name == 'auto':
+        name = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+    elif name == 'cuda':
+        name = f'cuda:{local_rank}'
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {name} asked for, but no CUDA GPU is visible: use --device cpu')
+    if not (name == 'cpu' or name.startswith('cuda')):
+        raise UserError(f'--device {name!r} is not understood: use auto, cpu, cuda or cuda:N')
+    return torch.device(name)
+
+
+def rng_state():
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def unwrap(model):
+    """The plain module inside DDP and torch.compile wrappers."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def new_run_folder(script, dataset):
+    parent = os.path.join('runs', script)
+    os.makedirs(parent, exist_ok=True)
+    taken = [int(d.rsplit('-', 1)[1]) for d in os.listdir(parent)
+             if d.startswith(dataset + '-') and d.rsplit('-', 1)[1].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:  # mkdir is atomic: two runs started at once still get different folders
+        path = os.path.join(parent, f'{dataset}-{number:03d}')
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            number += 1
+
+
+def last_run_folder(script, dataset):
+    runs = sorted(glob.glob(os.path.join('runs', script, f'{dataset}-*')))
+    runs = [r for r in runs if os.path.exists(os.path.join(r, 'ckpt.pt'))]
+    if not runs:
+        raise UserError(f'--resume last: no run of {script} on {dataset} with a checkpoint under runs/')
+    return runs[-1]
+
+
+def metric_value(value):
+    """A float from a loss or metric (tensor, number); the only place the loop syncs to the host."""
+    if torch.is_tensor(value):
+        value = value.detach().float().cpu()
+        return value.tolist() if value.dim() else value.item()
+    return value
+
+
+class Run:
+    """Everything a training loop needs besides its nets: device, DDP, AMP, outputs, resume.
+
+    One object, plain attributes: `device`, `rank`, `world_size`, `is_main`, `ddp`, `out_dir`,
+    `scaler`; methods for each step of the loop, in the order the loop uses them.
+    """
+
+    def __init__(self, args, script):
+        self.args, self.script = args, script
+        self.ddp = 'RANK' in os.environ or args.ddp
+        self.rank, self.world_size, local_rank = 0, 1, 0
+        if self.ddp:
+            if 'RANK' not in os.environ:
+                raise UserError('--ddp needs the torchrun environment: launch with '
+                                'torchrun --nproc_per_node N script.py ...')
+            use_cuda = args.device != 'cpu' and torch.cuda.is_available()
+            dist.init_process_group('nccl' if use_cuda else 'gloo')
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.is_main = self.rank == 0
+        self.device = resolve_device(args.device, local_rank)
+        if self.device.type == 'cuda':
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.seed_everything(args.seed + self.rank)  # each rank draws different noise
+
+        # AMP: bf16 autocast on CPU and on GPUs that have it, else fp16 with a GradScaler.
+        bf16 = self.device.type == 'cpu' or torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp and not bf16)
+
+        if args.resume:
+            folder = last_run_folder(script, args.dataset) if args.resume == 'last' else args.resume
+            if not os.path.exists(os.path.join(folder, 'ckpt.pt')):
+                raise UserError(f'--resume {args.resume}: no checkpoint {os.path.join(folder, "ckpt.pt")}; '
+                                f'pass a run folder that has one')
+            self.out_dir = folder
+        elif args.out_dir:
+            self.out_dir = args.out_dir
+        else:
+            self.out_dir = new_run_folder(script, args.dataset) if self.is_main else None
+        self.ckpt_path = os.path.join(self.out_dir, 'ckpt.pt') if self.out_dir else None
+        if self.is_main:
+            os.makedirs(os.path.join(self.out_dir, 'samples'), exist_ok=True)
+            if not args.resume:
+                with open(os.path.join(self.out_dir, 'args.json'), 'w') as f:
+                    json.dump(vars(args), f, indent=2)
+        self.rows, self.last_losses = [], {}
+        self.start_time, self.wall_before = time.time(), 0.0
+        self.tick, self.tick_iteration = time.time(), 0
+        self.n_iters, self.per_epoch = 0, 1
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    @staticmethod
+    def seed_everything(seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def load_data(self, **overrides):
+        """The data set named by the flags, on the training device."""
+        a = self.args
+        kwargs = dict(data_root=a.data_root, img_size=a.img_size, channels=a.channels, subset=a.subset)
+        kwargs.update(overrides)
+        data = load_data(a.dataset, **kwargs).to(self.device)
+        data.flip = bool(getattr(a, 'flip', False))
+        return data
+
+    def batches(self, data):
+        """The batch source, and the schedule: --n_iters, else --n_epochs full epochs."""
+        batches = Batches(data, self.args.batch_size, self.args.seed, self.rank, self.world_size)
+        self.per_epoch = batches.per_epoch
+        self.n_iters = self.args.n_iters or self.args.n_epochs * batches.per_epoch
+        return batches
+
+    def prepare(self, model):
+        """Move to the device; torch.compile and DDP-wrap as the flags say. Keep the plain
+        module for checkpoints and sampling; train through the returned one."""
+        model = model.to(self.device)
+        if self.args.compile:
+            model = torch.compile(model)
+        if self.ddp:
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp)
+
+    def step(self, loss, optimizer):
+        """Backward and optimizer step, through the GradScaler when fp16 needs one."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def all_reduce_mean(self, tensor):
+        if self.ddp:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def due(self, iteration, interval):
+        """True after iteration `iteration` (0-based) when `interval` divides the count, or at the end."""
+        done = iteration + 1
+        return done == self.n_iters or (interval > 0 and done % interval == 0)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, iteration, **objects):
+        """Atomically write nets, optimizers, scaler, every rank's RNG state and the iteration."""
+        rngs = [None] * self.world_size
+        if self.ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if not self.is_main:
+            return
+        self.check_finite(iteration)
+        state = {name: unwrap(obj).state_dict() for name, obj in objects.items()}
+        state.update(iteration=iteration + 1, scaler=self.scaler.state_dict(), rng=rngs,
+                     wall_seconds=self.wall_seconds(), world_size=self.world_size)
+        tmp = self.ckpt_path + '.tmp'
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)  # a kill before this line leaves the old checkpoint whole
+
+    def resume(self, **objects):
+        """Load the checkpoint named by --resume into `objects`; returns the first iteration to run."""
+        if not self.args.resume:
+            return 0
+        try:
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        except Exception as e:
+            raise UserError(f'cannot read checkpoint {self.ckpt_path} ({type(e).__name__}): '
+                            f'it is damaged; start a fresh run')
+        for name, obj in objects.items():
+            if name not in state:
+                raise UserError(f'checkpoint {self.ckpt_path} has no {name!r}: it was written by '
+                                f'another script or version')
+            unwrap(obj).load_state_dict(state[name])
+        self.scaler.load_state_dict(state['scaler'])
+        if state['world_size'] == self.world_size:
+            set_rng_state(state['rng'][self.rank])
+        else:
+            self.seed_everything(self.args.seed + self.rank + 7919 * state['iteration'])
+        self.wall_before = state['wall_seconds']
+        self.rows = [r for r in self.read_rows() if int(r['iteration']) <= state['iteration']]
+        self.tick_iteration = state['iteration']
+        return state['iteration']
+
+    # ---- logging and outputs --------------------------------------------------------------
+
+    def wall_seconds(self):
+        return self.wall_before + time.time() - self.start_time
+
+    def read_rows(self):
+        path = os.path.join(self.out_dir, 'metrics.csv')
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    def write_rows(self):
+        columns = []
+        for row in self.rows:
+            columns += [c for c in row if c not in columns]
+        tmp = os.path.join(self.out_dir, 'metrics.csv.tmp')
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, os.path.join(self.out_dir, 'metrics.csv'))
+
+    def check_finite(self, iteration):
+        bad = [k for k, v in self.last_losses.items() if not np.all(np.isfinite(v))]
+        if bad:
+            kept = (f'the last good checkpoint is {self.ckpt_path}' if os.path.exists(self.ckpt_path or '')
+                    else 'no checkpoint was written yet')
+            raise UserError(f'{", ".join(bad)} loss became NaN/inf by iteration {iteration + 1}; {kept}. '
+                            f'Try a lower --lr, or run without --amp')
+
+    def log(self, iteration, losses, metrics=None):
+        """One log line and one metrics.csv row. Losses may be tensors (one per generator too)."""
+        losses = {k: metric_value(v) for k, v in losses.items()}
+        metrics = {k: metric_value(v) for k, v in (metrics or {}).items()}
+        self.last_losses = losses
+        done = iteration + 1
+        now = time.time()
+        speed = (done - self.tick_iteration) / max(now - self.tick, 1e-9)
+        self.tick, self.tick_iteration = now, done
+        if not self.is_main:
+            self.check_finite(iteration)
+            return
+        row = {'iteration': done, 'epoch': iteration // self.per_epoch + 1,
+               'wall_seconds': round(self.wall_seconds(), 3)}
+        for name, value in list(losses.items()) + list(metrics.items()):
+            if isinstance(value, list):
+                row.update({f'{name}_{i}': v for i, v in enumerate(value)})
+            else:
+                row[name] = value
+        self.rows.append(row)
+        self.write_rows()
+        n_epochs = math.ceil(self.n_iters / self.per_epoch)
+        parts = [f'[Epoch {iteration // self.per_epoch + 1}/{n_epochs}]',
+                 f'[Batch {iteration % self.per_epoch + 1}/{self.per_epoch}]']
+        for name, value in losses.items():
+            values = value if isinstance(value, list) else [value]
+            parts.append(f'[{name} loss: {" ".join(f"{v:.4f}" for v in values)}]')
+        for name, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            parts.append(f'[{name}: {" ".join(f"{v:.4g}" for v in values)}]')
+        parts.append(f'[{speed:.1f} it/s]')
+        print(' '.join(parts), flush=True)
+        self.check_finite(iteration)
+
+    def save_samples(self, iteration, samples, data=None):
+        """A sample grid: samples (K, B, C, H, W), one row per generator (or per class), or a
+        scatter plot over the real modes for 2-D samples (K, B, 2), one colour per generator."""
+        if not self.is_main:
+            return
+        path = os.path.join(self.out_dir, 'samples', f'iter_{iteration + 1:06d}.png')
+        save_sample_grid(path, samples, data)
+        return path
+
+    def finish(self, iteration, metrics=None):
+        """summary.json, metrics.png and the closing line; tears DDP down."""
+        summary = {'iterations': iteration + 1, 'wall_seconds': round(self.wall_seconds(), 2)}
+        summary.update({f'final_{k}': v for k, v in self.last_losses.items()})
+        summary.update({k: metric_value(v) for k, v in (metrics or {}).items()})
+        if self.is_main:
+            with open(os.path.join(self.out_dir, 'summary.json'), 'w') as f:
+                json.dump(summary, f, indent=2)
+            plot_metrics(os.path.join(self.out_dir, 'metrics.csv'), os.path.join(self.out_dir, 'metrics.png'))
+            print(f'done: {self.out_dir} ' + ' '.join(f'{k}={fmt(v)}' for k, v in summary.items()), flush=True)
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+
+def fmt(value):
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    if isinstance(value, list):
+        return ','.join(fmt(v) for v in value)
+    return str(value)
+
+
+@contextlib.contextmanager
+def sampling(model):
+    """Sample from a net in train mode (batch-norm statistics of the batch, as in training)
+    without side effects: no autograd, and batch-norm running statistics restored after."""
+    saved = [b.clone() for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+
+
+def save_sample_grid(path, samples, data=None):
+    samples = samples.detach().float().cpu()
+    if samples.shape[-1] == 2 and samples.dim() == 3:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for k, pts in enumerate(samples):
+            ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.5, label=f'G{k}' if len(samples) > 1 else 'G')
+        if data is not None and data.centres is not None:
+            c = data.centres.cpu()
+            ax.scatter(c[:, 0], c[:, 1], marker='x', c='k', s=40, label='modes')
+        ax.set_aspect('equal')
+        if len(samples) <= 10:
+            ax.legend(loc='upper right', fontsize=7, markerscale=3)
+        fig.savefig(path, dpi=100, bbox_inches='tight')
+        plt.close(fig)
+        return
+    from torchvision.utils import save_image
+    per_row = samples.shape[1]
+    save_image(samples.flatten(0, 1), path, nrow=per_row, normalize=True, value_range=(-1, 1), pad_value=1)
+
+
+def plot_metrics(csv_paths, png_path, labels=None):
+    """Plot every column of one or more metrics.csv files against iteration, one panel each."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    csv_paths = [csv_paths] if isinstance(csv_paths, str) else list(csv_paths)
+    tables = []
+    for path in csv_paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                tables.append(list(csv.DictReader(f)))
+    columns = []
+    for rows in tables:
+        for row in rows:
+            columns += [c for c in row if c not in columns and c not in ('iteration', 'epoch', 'wall_seconds')]
+    if not columns:
+        return
+    groups = {}  # G_0, G_1, ... share a panel
+    for c in columns:
+        groups.setdefault(c.rsplit('_', 1)[0] if c.rsplit('_', 1)[-1].isdigit() else c, []).append(c)
+    n = len(groups)
+    cols = min(n, 3)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.5 * cols, 3 * math.ceil(n / cols)),
+                             squeeze=False)
+    for ax, (group, members) in zip(axes.flat, groups.items()):
+        for t, rows in enumerate(tables):
+            for c in members:
+                pts = [(float(r['iteration']), float(r[c])) for r in rows if r.get(c) not in (None, '')]
+                if pts:
+                    label = (labels[t] + ' ' if labels else '') + (c if len(members) > 1 else '')
+                    ax.plot(*zip(*pts), label=label.strip() or None, lw=1)
+        ax.set_title(group)
+        ax.set_xlabel('iteration')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# 5. Metrics
+# ----------------------------------------------------------------------------
+
+def mode_coverage_2d(samples, centres, std):
+    """DESIGN 4: a sample is high quality within 3 std of its nearest centre; a mode is covered
+    when some high-quality sample is nearest to it; KL(histogram of HQ samples over modes || uniform)."""
+    samples, centres = samples.float().cpu(), centres.float().cpu()
+    dist_, nearest = torch.cdist(samples, centres).min(1)
+    hq = dist_ < 3 * std
+    counts = torch.bincount(nearest[hq], minlength=len(centres)).double()
+    n_modes = len(centres)
+    if counts.sum() == 0:
+        kl = math.log(n_modes)
+    else:
+        p = counts / counts.sum()
+        kl = float((p[p > 0] * (p[p > 0] * n_modes).log()).sum())
+    return {'modes_covered': int((counts > 0).sum()), 'hq_fraction': float(hq.float().mean()),
+            'kl_uniform': kl}
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN on 16x16 grey digits; its 128-d penultimate layer gives fd_digits features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    @staticmethod
+    def prepare(images):
+        """Float images in [-1, 1], (N, 1, H, W) of any size -> 16x16."""
+        return F.interpolate(images.float(), size=(16, 16), mode='bilinear', antialias=True, align_corners=False)
+
+    def features(self, images):
+        return self.body(self.prepare(images))
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def digit_classifier(base, data_root, device, epochs=30, verbose=True):
+    """The classifier for `base` ('digits' or 'mnist'), trained once on its labels and cached
+    as <data_root>/digit_classifier_<base>.pt."""
+    path = os.path.join(data_root, f'digit_classifier_{base}.pt')
+    net = DigitClassifier()
+    if os.path.exists(path):
+        net.load_state_dict(torch.load(path, map_location='cpu'))
+        return net.to(device).eval()
+    images, labels = load_digits() if base == 'digits' else load_torchvision('mnist', data_root)
+    x = images.float().div(127.5).sub(1)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(x), generator=g)
+    n_test = len(x) // 10
+    test, train = order[:n_test], order[n_test:]
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for _ in range(epochs if base == 'digits' else 2):
+            for idx in train[torch.randperm(len(train), generator=g)].split(128):
+                batch = DigitClassifier.prepare(x[idx])
+                shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # small shifts: robustness
+                batch = torch.roll(batch, shifts=shift, dims=(2, 3))
+                loss = F.cross_entropy(net.head(net.body(batch)), labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(x[test]).argmax(1) == labels[test]).float().mean().item()
+    if verbose:
+        print(f'trained the {base} digit classifier: held-out accuracy {accuracy:.3f}; cached in {path}')
+    os.makedirs(data_root, exist_ok=True)
+    torch.save(net.state_dict(), path + '.tmp')
+    os.replace(path + '.tmp', path)
+    return net.to(device)
+
+
+def feature_statistics(features):
+    f = features.double().cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+class Evaluator:
+    """The offline quality figures DESIGN 4 names for a data set, computed from a sampler.
+
+    `evaluate(sample_fn)`: sample_fn(n) gives n samples in [-1, 1] (or 2-D points), or for a
+    class-conditional generator (samples, the classes they were asked to show).
+    2-D: modes_covered, hq_fraction, kl_uniform. digits: fd_digits (+ class_accuracy).
+    stacked sets: modes_covered (of 1000), kl_uniform. Other image sets: nothing offline.
+    """
+
+    def __init__(self, data, args, device):
+        self.data, self.device, self.n, self.seed = data, device, args.eval_samples, args.seed
+        self.eval_interval, self.fid_every = args.eval_interval, args.fid_every
+        self.classifier, self.fid_tracker = None, None
+        if args.fid_every:
+            self.fid_tracker = make_fid_tracker(data, args, device)
+        base = {'digits': 'digits', 'stacked-digits': 'digits', 'stacked-mnist': 'mnist'}.get(data.name)
+        if base and not data.is_2d:
+            self.classifier = digit_classifier(base, args.data_root, device)
+        if data.name == 'digits':
+            with torch.no_grad():
+                self.real_stats = feature_statistics(self.classifier.features(self.grey(data.batch(slice(None))[0])))
+
+    @staticmethod
+    def grey(images):
+        return images.mean(1, keepdim=True) if images.shape[1] == 3 else images
+
+    def sample_count(self):
+        if self.n:
+            return self.n
+        return 2500 if self.data.is_2d else 2000 if self.data.name == 'digits' else 26000
+
+    def fixed_rng(self):
+        """Every evaluation draws the same noise, and the training RNG does not move."""
+        devices = [self.device.index or 0] if self.device.type == 'cuda' else []
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        torch.manual_seed(self.seed + 4242)
+        return stack
+
+    def fid(self, sample_fn):
+        """{'fid': ...} every --fid_every iterations; {} when FID is off."""
+        if self.fid_tracker is None:
+            return {}
+        with self.fixed_rng():
+            return {'fid': self.fid_tracker.score(sample_fn)}
+
+    def due(self, iteration, n_iters, sample_fn):
+        """The metrics due after `iteration`: the offline ones every --eval_interval, FID every
+        --fid_every, both at the last iteration; {} when none is due."""
+        done, last = iteration + 1, iteration + 1 == n_iters
+        out = {}
+        if last or (self.eval_interval and done % self.eval_interval == 0):
+            out.update(self.evaluate(sample_fn))
+        if self.fid_tracker is not None and (last or done % self.fid_every == 0):
+            out.update(self.fid(sample_fn))
+        return out
+
+    def evaluate(self, sample_fn):
+        with self.fixed_rng():
+            return self.offline_metrics(sample_fn)
+
+    def offline_metrics(self, sample_fn):
+        """sample_fn(n) returns n samples, or (samples, the classes they were asked to show)."""
+        if self.classifier is None and not self.data.is_2d:
+            return {}
+        samples = sample_fn(self.sample_count())
+        samples, labels = samples if isinstance(samples, tuple) else (samples, None)
+        if self.data.is_2d:
+            return mode_coverage_2d(samples, self.data.centres, self.data.std)
+        with torch.no_grad():
+            if self.data.name == 'digits':
+                import fid
+                feats = torch.cat([self.classifier.features(self.grey(b)) for b in samples.split(500)])
+                out = {'fd_digits': fid.frechet_distance(*self.real_stats, *feature_statistics(feats))}
+                if labels is not None:
+                    predicted = self.classifier.head(feats.to(self.device)).argmax(1).cpu()
+                    out['class_accuracy'] = float((predicted == labels.cpu()).float().mean())
+                return out
+            digits = torch.stack([torch.cat([self.classifier(b[:, c:c + 1]).argmax(1) for b in samples.split(500)])
+                                  for c in range(3)], 1)
+        return stacked_modes(digits)
+
+
+def make_fid_tracker(data, args, device):
+    """fid.py's tracker against cached real statistics; fails at start-up when weights are missing."""
+    if data.is_2d:
+        raise UserError(f'--fid_every needs an image data set; {data.name} is 2-D')
+    import fid
+    key = f'{data.name}{f"-first{args.subset}" if args.subset else ""}-{data.shape[-1]}px-{data.shape[0]}ch'
+    try:
+        return fid.FIDTracker(data.batch(slice(None))[0], key=key, device=device, n_samples=args.fid_samples,
+                              batch_size=max(args.batch_size, 50), cache_dir=args.data_root,
+                              weights=args.fid_weights)
+    except fid.FIDError as e:
+        raise UserError(str(e))
+
+
+def sample_generators(generators, n, latent_dim, batch_size, device):
+    """n samples from the uniform mixture of K generators (K, B, latent) -> (K, B, ...), drawn in
+    chunks of batch_size per generator (train-mode batch norm sees batches of training size)."""
+    k = generators.n_gen
+    n_chunks = -(-n // (k * batch_size))
+    with sampling(generators):
+        out = torch.cat([generators(torch.randn(k, batch_size, latent_dim, device=device))
+                         for _ in range(n_chunks)], 1)
+    return out.transpose(0, 1).flatten(0, 1)[:n]
+
+
+def stacked_modes(digit_triples):
+    """Distinct modes (of 1000) and KL(mode histogram || uniform) from (N, 3) classified digits."""
+    modes = digit_triples[:, 0] * 100 + digit_triples[:, 1] * 10 + digit_triples[:, 2]
+    counts = torch.bincount(modes.cpu(), minlength=1000).double()
+    p = counts / counts.sum()
+    kl = float((p[p > 0] * (p[p > 0] * 1000).log()).sum())
+    return {'modes_covered': int((counts > 0).sum()), 'kl_uniform': kl}
