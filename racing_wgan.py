@@ -1,0 +1,127 @@
+"""Racing-GAN inside WGAN (Paul & Saha; seed 000): K generators race against one shared critic.
+
+Every step all K generators get the same z. The critic sees real images and the fakes of all K.
+Generator i minimises its Wasserstein term plus a racing term against each rival j, on paired
+samples:  L_Gi = -E D(G_i(z)) + lambda * sum_{j != i} E_z max(0, sg(D(G_j(z))) - D(G_i(z)))
+(--race_mode lag: a generator behind a rival is pushed to catch up). --race_mode paper uses the
+formula as printed, max(0, D(G_i(z)) - sg(D(G_j(z)))); --race_mode off trains K independent
+generators. --n_gen 1 is exactly the classic WGAN (weight clipping, RMSprop, n_critic 5).
+
+    python racing_wgan.py --n_gen 2                          # digits, offline, a few CPU minutes
+    python racing_wgan.py --dataset ring8 --n_gen 4 --gp 10  # 2-D, reports mode coverage
+    torchrun --nproc_per_node 2 racing_wgan.py --n_gen 2     # DDP
+"""
+import torch
+
+import common
+
+parser = common.base_parser(__doc__)
+parser.add_argument('--n_gen', type=common.positive_int, default=2, help='number of generators K')
+parser.add_argument('--race_mode', choices=('lag', 'paper', 'off'), default='lag', help='racing term')
+parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the racing term weight')
+parser.add_argument('--n_critic', type=common.positive_int, default=5, help='critic steps per generator step')
+parser.add_argument('--clip_value', type=float, default=0.01, help='critic weight clipping (when --gp is 0)')
+parser.add_argument('--gp', type=float, default=0.0, help='gradient penalty weight (WGAN-GP; 0 = clipping)')
+parser.set_defaults(lr=5e-5, img_size=16, n_epochs=150, sample_interval=1000, log_interval=200)
+
+
+def racing_term(scores, mode):
+    """Racing term per generator, eq. in seed 000 section 3 (sign as DESIGN 5 reads it).
+
+    scores: (K, B) critic values r_k = D(G_k(z)) on the same z. Returns (K,):
+    lag:   sum_{j != i} mean_b max(0, sg(r_j) - r_i)
+    paper: sum_{j != i} mean_b max(0, r_i - sg(r_j))
+    The rival's score is detached, so generator i's term sends no gradient into generator j.
+    """
+    k = scores.shape[0]
+    if mode == 'off' or k == 1:
+        return scores.new_zeros(k)
+    rival, own = scores.detach()[None, :, :], scores[:, None, :]      # (1, K_j, B), (K_i, 1, B)
+    gap = torch.relu(rival - own) if mode == 'lag' else torch.relu(own - rival)  # (K_i, K_j, B)
+    not_self = 1.0 - torch.eye(k, device=scores.device, dtype=scores.dtype)[:, :, None]
+    return (gap * not_self).mean(2).sum(1)
+
+
+def gradient_penalty(critic, real, fake):
+    """WGAN-GP (Gulrajani et al.): E (||grad_x D(x_hat)||_2 - 1)^2 on random interpolates, in fp32."""
+    alpha = torch.rand(len(real), *[1] * (real.dim() - 1), device=real.device)
+    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    grad, = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def build_nets(args, data):
+    """The classic WGAN MLPs over flattened pixels; a small MLP without tanh for 2-D sets."""
+    if data.is_2d:
+        generators = common.MLPGenerators(args.n_gen, args.latent_dim, data.shape, hidden=(128, 128, 128),
+                                          batchnorm=False, tanh=False)
+        return generators, common.MLPDiscriminator(data.shape, hidden=(128, 128, 128))
+    return (common.MLPGenerators(args.n_gen, args.latent_dim, data.shape),
+            common.MLPDiscriminator(data.shape))
+
+
+def main():
+    args = parser.parse_args()
+    run = common.Run(args, 'racing_wgan')
+    data = run.load_data()
+    batches = run.batches(data)
+    evaluator = common.Evaluator(data, args, run.device)
+    K = args.n_gen
+
+    generators_raw, critic_raw = build_nets(args, data)
+    generators, critic = run.prepare(generators_raw), run.prepare(critic_raw)
+    opt_G = torch.optim.RMSprop(generators_raw.parameters(), lr=args.lr)  # K generators, one
+    opt_D = torch.optim.RMSprop(critic_raw.parameters(), lr=args.lr)      # elementwise optimizer
+    if args.gp:  # WGAN-GP's own recipe
+        opt_G = torch.optim.Adam(generators_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
+        opt_D = torch.optim.Adam(critic_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
+    fixed_z = torch.randn(500 if data.is_2d else 10, args.latent_dim, device=run.device)
+    start = run.resume(generators=generators_raw, critic=critic_raw, opt_G=opt_G, opt_D=opt_D)
+
+    def sample_fn(n):  # the uniform mixture of the K generators, for the quality metrics
+        return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
+
+    loss_G = torch.zeros(K, device=run.device)
+    race = torch.zeros(K, device=run.device)
+    metrics = {}
+    for it in range(start, run.n_iters):
+        real, _ = batches.get(it)
+        B = len(real)
+        z = torch.randn(B, args.latent_dim, device=run.device)
+
+        # ---- critic: -E D(x) + (1/K) sum_k E D(G_k(z)), all fakes in one call --------------
+        with torch.no_grad(), run.autocast():
+            fakes = generators(z).flatten(0, 1)                          # (K * B, ...)
+        with run.autocast():
+            scores = critic(torch.cat([real, fakes.to(real.dtype)])).float()
+            loss_D = -scores[:B].mean() + scores[B:].mean()
+        if args.gp:
+            loss_D = loss_D + args.gp * gradient_penalty(critic, real.repeat(K, *[1] * (real.dim() - 1)),
+                                                         fakes.float())
+        run.step(loss_D, opt_D)
+        if not args.gp:
+            with torch.no_grad():
+                for p in critic_raw.parameters():
+                    p.clamp_(-args.clip_value, args.clip_value)
+
+        # ---- generators, every n_critic iterations: Wasserstein term + racing term ------------
+        if it % args.n_critic == 0:
+            with run.autocast():
+                r = critic(generators(z).flatten(0, 1)).float().view(K, B)   # r_k = D(G_k(z))
+                race = racing_term(r, args.race_mode)
+                loss_G = -r.mean(1) + args.race_weight * race                 # (K,)
+            run.step(loss_G.sum(), opt_G)  # the sum: each generator gets only its own gradient
+
+        metrics = evaluator.due(it, run.n_iters, sample_fn)
+        if metrics or run.due(it, args.log_interval):
+            run.log(it, {'D': loss_D, 'G': loss_G.detach(), 'race': race.detach()}, metrics)
+        if run.due(it, args.sample_interval):
+            with common.sampling(generators_raw):
+                run.save_samples(it, generators_raw(fixed_z), data)
+        if run.due(it, args.ckpt_interval):
+            run.save_checkpoint(it, generators=generators_raw, critic=critic_raw, opt_G=opt_G, opt_D=opt_D)
+    run.finish(run.n_iters - 1, metrics)
+
+
+if __name__ == '__main__':
+    common.run_main(main)

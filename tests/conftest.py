@@ -1,0 +1,68 @@
+"""Shared test helpers: run a script in-process or as a subprocess, or under torchrun."""
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(1)  # CI has 2 cores; tests run several processes at once
+
+
+def load_script(name):
+    """Import a top-level script (e.g. 'racing_wgan') as a module without running main()."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(module, args, monkeypatch):
+    """Call module.main() with these command-line args (in the current process)."""
+    monkeypatch.setattr(sys, 'argv', [module.__name__ + '.py'] + [str(a) for a in args])
+    module.main()
+
+
+def run_script(name, args, cwd, timeout=300, env=None):
+    """Run `python name.py args` in a subprocess; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, f'{name}.py')] + [str(a) for a in args],
+                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(name, args, cwd, nproc=2, timeout=300):
+    """Run a script under torchrun with `nproc` CPU processes (gloo)."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+           f'--master_port={free_port()}', os.path.join(REPO, f'{name}.py')] + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *words):
+    """Non-zero exit, no traceback, one line on stderr that mentions each of `words`."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert 'Traceback' not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory):
+    """A data root shared by the session, with the digits classifier trained once."""
+    import common
+    root = str(tmp_path_factory.mktemp('data_root'))
+    common.digit_classifier('digits', root, 'cpu', verbose=False)
+    return root
