@@ -841,6 +841,8 @@ def save_sample_grid(path, samples, data=None):
         return
     from torchvision.utils import save_image
     per_row = samples.shape[1]
+    if samples.shape[-1] < 32:  # small images: enlarge (nearest) so the grid can be seen
+        samples = samples.repeat_interleave(32 // samples.shape[-1], -1).repeat_interleave(32 // samples.shape[-1], -2)
     save_image(samples.flatten(0, 1), path, nrow=per_row, normalize=True, value_range=(-1, 1), pad_value=1)
 
 

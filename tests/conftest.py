@@ -42,9 +42,10 @@ def free_port():
 
 
 def run_torchrun(name, args, cwd, nproc=2, timeout=300):
-    """Run a script under torchrun with `nproc` CPU processes (gloo)."""
+    """Run a repo script (or a .py path) under torchrun with `nproc` CPU processes (gloo)."""
+    script = name if name.endswith('.py') else os.path.join(REPO, f'{name}.py')  # a path, or a repo script
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-           f'--master_port={free_port()}', os.path.join(REPO, f'{name}.py')] + [str(a) for a in args]
+           f'--master_port={free_port()}', script] + [str(a) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -66,3 +67,29 @@ def data_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('data_root'))
     common.digit_classifier('digits', root, 'cpu', verbose=False)
     return root
+
+
+RANK_DUMP_DRIVER = '''
+import sys, torch, common
+sys.path.insert(0, {repo!r})
+module = __import__({name!r})
+save = common.Run.save_checkpoint
+def save_and_dump(self, iteration, **objects):
+    """Also write this rank's own copy of every checkpointed object to rank<R>.pt."""
+    torch.save({{k: common.unwrap(v).state_dict() for k, v in objects.items()}}, f'rank{{self.rank}}.pt')
+    save(self, iteration, **objects)
+common.Run.save_checkpoint = save_and_dump
+common.run_main(module.main)
+'''
+
+
+def run_torchrun_dumping_ranks(name, args, cwd, nproc=2, timeout=300):
+    """torchrun a repo script; each rank also dumps its checkpointed state dicts to cwd/rank<R>.pt
+    (the last checkpoint wins), so tests can compare the ranks' parameters."""
+    driver = os.path.join(str(cwd), f'_driver_{name}.py')
+    with open(driver, 'w') as f:
+        f.write(RANK_DUMP_DRIVER.format(repo=REPO, name=name))
+    result = run_torchrun(driver, args, cwd, nproc=nproc, timeout=timeout)
+    ranks = [torch.load(os.path.join(str(cwd), f'rank{r}.pt'), weights_only=False)
+             for r in range(nproc) if os.path.exists(os.path.join(str(cwd), f'rank{r}.pt'))]
+    return result, ranks
