@@ -934,8 +934,14 @@ class DigitClassifier(nn.Module):
 
 def digit_classifier(base, data_root, device, epochs=30, verbose=True):
     """The classifier for `base` ('digits' or 'mnist'), trained once on its labels and cached
-    as <data_root>/digit_classifier_<base>.pt."""
+    as <data_root>/digit_classifier_<base>.pt. Leaves the global RNG as it found it."""
+    with torch.random.fork_rng():
+        return train_or_load_digit_classifier(base, data_root, device, epochs, verbose)
+
+
+def train_or_load_digit_classifier(base, data_root, device, epochs, verbose):
     path = os.path.join(data_root, f'digit_classifier_{base}.pt')
+    torch.manual_seed(0)
     net = DigitClassifier()
     if os.path.exists(path):
         net.load_state_dict(torch.load(path, map_location='cpu'))
@@ -947,17 +953,15 @@ def digit_classifier(base, data_root, device, epochs=30, verbose=True):
     n_test = len(x) // 10
     test, train = order[:n_test], order[n_test:]
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        for _ in range(epochs if base == 'digits' else 2):
-            for idx in train[torch.randperm(len(train), generator=g)].split(128):
-                batch = DigitClassifier.prepare(x[idx])
-                shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # small shifts: robustness
-                batch = torch.roll(batch, shifts=shift, dims=(2, 3))
-                loss = F.cross_entropy(net.head(net.body(batch)), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+    for _ in range(epochs if base == 'digits' else 2):
+        for idx in train[torch.randperm(len(train), generator=g)].split(128):
+            batch = DigitClassifier.prepare(x[idx])
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # small shifts: robustness
+            batch = torch.roll(batch, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(net.head(net.body(batch)), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     net.eval()
     with torch.no_grad():
         accuracy = (net(x[test]).argmax(1) == labels[test]).float().mean().item()

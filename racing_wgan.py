@@ -22,7 +22,7 @@ parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the 
 parser.add_argument('--n_critic', type=common.positive_int, default=5, help='critic steps per generator step')
 parser.add_argument('--clip_value', type=float, default=0.01, help='critic weight clipping (when --gp is 0)')
 parser.add_argument('--gp', type=float, default=0.0, help='gradient penalty weight (WGAN-GP; 0 = clipping)')
-parser.set_defaults(lr=5e-5, img_size=16, n_epochs=150, sample_interval=1000, log_interval=200)
+parser.set_defaults(lr=5e-5, img_size=16, n_epochs=430, sample_interval=2000, log_interval=200)
 
 
 def racing_term(scores, mode):
