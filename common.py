@@ -876,7 +876,7 @@ def plot_metrics(csv_paths, png_path, labels=None):
                 pts = [(float(r['iteration']), float(r[c])) for r in rows if r.get(c) not in (None, '')]
                 if pts:
                     label = (labels[t] + ' ' if labels else '') + (c if len(members) > 1 else '')
-                    ax.plot(*zip(*pts), label=label.strip() or None, lw=1)
+                    ax.plot(*zip(*pts), label=label.strip() or None, lw=1, marker='o' if len(pts) < 3 else None)
         ax.set_title(group)
         ax.set_xlabel('iteration')
         if ax.get_legend_handles_labels()[0]:

@@ -22,7 +22,8 @@ parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the 
 parser.add_argument('--n_critic', type=common.positive_int, default=5, help='critic steps per generator step')
 parser.add_argument('--clip_value', type=float, default=0.01, help='critic weight clipping (when --gp is 0)')
 parser.add_argument('--gp', type=float, default=0.0, help='gradient penalty weight (WGAN-GP; 0 = clipping)')
-parser.set_defaults(lr=5e-5, img_size=16, n_epochs=430, sample_interval=2000, log_interval=200)
+parser.set_defaults(lr=5e-5, img_size=16, n_epochs=430, sample_interval=2000, log_interval=200,
+                    eval_interval=2000)
 
 
 def racing_term(scores, mode):
@@ -105,12 +106,16 @@ def main():
                     p.clamp_(-args.clip_value, args.clip_value)
 
         # ---- generators, every n_critic iterations: Wasserstein term + racing term ------------
+        # The critic is frozen here: only its input gradient is needed, so its weight gradients
+        # (and their DDP all-reduce) are skipped; the plain module is called, not the DDP wrapper.
         if it % args.n_critic == 0:
+            critic_raw.requires_grad_(False)
             with run.autocast():
-                r = critic(generators(z).flatten(0, 1)).float().view(K, B)   # r_k = D(G_k(z))
+                r = critic_raw(generators(z).flatten(0, 1)).float().view(K, B)   # r_k = D(G_k(z))
                 race = racing_term(r, args.race_mode)
-                loss_G = -r.mean(1) + args.race_weight * race                 # (K,)
+                loss_G = -r.mean(1) + args.race_weight * race                     # (K,)
             run.step(loss_G.sum(), opt_G)  # the sum: each generator gets only its own gradient
+            critic_raw.requires_grad_(True)
 
         metrics = evaluator.due(it, run.n_iters, sample_fn)
         if metrics or run.due(it, args.log_interval):
