@@ -1071,8 +1071,8 @@ def make_fid_tracker(data, args, device):
         return fid.FIDTracker(data.batch(slice(None))[0], key=key, device=device, n_samples=args.fid_samples,
                               batch_size=max(args.batch_size, 50), cache_dir=args.data_root,
                               weights=args.fid_weights)
-    except fid.FIDError as e:
-        raise UserError(str(e))
+    except fid.FIDError as e:  # fid.py's CLI flag is --weights; the scripts' is --fid_weights
+        raise UserError(str(e).replace('--weights', '--fid_weights'))
 
 
 def sample_generators(generators, n, latent_dim, batch_size, device):
