@@ -335,13 +335,14 @@ class MLPGenerators(nn.Module):
 class MLPDiscriminator(nn.Module):
     """Classic WGAN/GAN MLP critic: x -> 512 -> 256 -> n_out with LeakyReLU 0.2, no norm.
 
-    With n_nets = 1 it maps (B, *shape) to (B,) (or (B, n_out)); with n_nets = K > 1 it holds K
-    independent critics and maps (K, B, *shape), or (B, *shape) shown to all, to (K, B[, n_out]).
+    With n_nets = 1 it maps (B, *shape) to (B,) (or (B, n_out)); with n_nets = K it holds K
+    independent critics and maps (K, B, *shape), member k seeing x[k], or (B, *shape) shown to
+    all, to (K, B[, n_out]). The layout is read from the number of dimensions, never the sizes.
     """
 
     def __init__(self, in_shape, hidden=(512, 256), n_out=1, n_nets=1):
         super().__init__()
-        self.n_nets, self.n_out = n_nets, n_out
+        self.n_nets, self.n_out, self.in_shape = n_nets, n_out, tuple(in_shape)
         layers, width = [], math.prod(in_shape)
         for h in hidden:
             layers += [EnsembleLinear(n_nets, width, h), nn.LeakyReLU(0.2)]
@@ -352,13 +353,11 @@ class MLPDiscriminator(nn.Module):
 
     def forward(self, x):
         k = self.n_nets
-        if k == 1 or x.dim() == 2 or x.shape[0] != k:
-            x = x.reshape(1, len(x), -1).expand(k, -1, -1)
-        else:
-            x = x.reshape(k, x.shape[1], -1)
+        member_wise = x.dim() == len(self.in_shape) + 2     # (K, B, *shape): member k sees x[k]
+        x = x.reshape(k, x.shape[1], -1) if member_wise else x.reshape(1, len(x), -1).expand(k, -1, -1)
         out = self.head(self.body(x))
         out = out.squeeze(-1) if self.n_out == 1 else out
-        return out[0] if k == 1 else out
+        return out if member_wise or k > 1 else out[0]
 
 
 def check_image_size(img_size, smallest=16, largest=None):
@@ -441,15 +440,16 @@ class DCGANDiscriminator(nn.Module):
     def features(self, x):
         """(B, K * width, 4, 4) features of the body; a second head can share them."""
         k = self.n_nets
-        if k > 1:
+        if k > 1 or x.dim() == 5:
             x = x.expand(k, *x.shape) if x.dim() == 4 else x
             x = x.transpose(0, 1).reshape(x.shape[1], k * self.channels, *x.shape[3:])
         return self.body(x)
 
     def forward(self, x):
+        """(B, C, S, S) -> (B[, n_out]) for one net, (K, B[, n_out]) for K; (K, B, C, S, S) -> (K, B[, n_out])."""
         out = self.head(self.features(x)).view(-1, self.n_nets, self.n_out).transpose(0, 1)
         out = out.squeeze(-1) if self.n_out == 1 else out
-        return out[0] if self.n_nets == 1 else out
+        return out if self.n_nets > 1 or x.dim() == 5 else out[0]
 
 
 # ----------------------------------------------------------------------------
