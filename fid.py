@@ -1,0 +1,947 @@
+"""FID, Inception Score and KID with the Inception network pytorch-fid uses.
+
+Usable as a CLI (`python fid.py PATH1 PATH2`, same flags and output as
+`python -m pytorch_fid`) and from training loops (statistics straight from
+tensors or a generator, streaming, cached reference statistics, torchrun).
+
+Sections: 1 weights, 2 network, 3 streaming statistics and extraction,
+4 metrics (Frechet distance, IS, KID), 5 training-loop helpers, 6 CLI.
+"""
+import argparse
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import urllib.request
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/'
+                   'fid_weights/pt_inception-2015-12-05-6726825d.pth')
+WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
+DIMS = (64, 192, 768, 2048)      # block outputs, as pytorch-fid's --dims
+IMAGE_EXTENSIONS = {'bmp', 'gif', 'jpg', 'jpeg', 'pgm', 'png', 'ppm', 'tif',
+                    'tiff', 'webp'}
+
+
+class FIDError(Exception):
+    """A user-facing failure; the CLI prints `error: <message>`, exit code 2."""
+
+
+# ---------------------------------------------------------------------------
+# 1. Weights
+# ---------------------------------------------------------------------------
+
+def hub_weights_path():
+    """Where torch hub (and pytorch-fid) caches the weights file."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS_FILE)
+
+
+def resolve_weights(path=None):
+    """Path of the FID Inception weights: `path`, else $FID_WEIGHTS, else the
+    torch hub cache file, else downloaded there from FID_WEIGHTS_URL."""
+    for given, what in ((path, 'weights file'),
+                        (os.environ.get('FID_WEIGHTS'), '$FID_WEIGHTS file')):
+        if given:
+            if not os.path.isfile(given):
+                raise FIDError(f'{what} not found: {given}')
+            return given
+    cached = hub_weights_path()
+    if os.path.isfile(cached):
+        return cached
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), suffix='.part')
+        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=30) as r, \
+                os.fdopen(fd, 'wb') as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, cached)       # never leave a half-written file
+        return cached
+    except Exception as e:            # offline, proxy, permissions, ...
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        why = str(getattr(e, 'reason', e)).replace('\n', ' ')
+        raise FIDError(f'FID Inception weights not found and the download '
+                       f'failed ({why}): download {FID_WEIGHTS_URL} and put '
+                       f'it at {cached}, or pass --weights PATH, or set '
+                       f'FID_WEIGHTS=PATH') from None
+
+
+def load_weights(model, path):
+    """Load a weights file into `model`; a broken file (truncated download,
+    wrong file) raises a one-line FIDError."""
+    try:
+        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    except Exception as e:
+        raise FIDError(f'weights file {path} is corrupt or not the FID '
+                       f'Inception weights ({type(e).__name__}); delete it and '
+                       f'fetch it again from {FID_WEIGHTS_URL}') from None
+    return model
+
+
+def random_weights(seed=0):
+    """A state dict with the weight file's keys and random values that keep
+    activations O(1) through the network (He-scaled convs, perturbed BN):
+    for tests and benchmarks offline, never for real scores."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in FIDInception().state_dict().items():
+        if k.endswith('num_batches_tracked'):
+            sd[k] = torch.zeros_like(v)
+        elif k.endswith('conv.weight'):
+            sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel())
+        elif k.endswith('bn.weight') or k.endswith('bn.running_var'):
+            sd[k] = 0.75 + 0.5 * torch.rand(v.shape, generator=g)
+        elif k.endswith('bn.bias') or k.endswith('bn.running_mean'):
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+        else:                                          # fc
+            sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[-1])
+    return sd
+
+
+# ---------------------------------------------------------------------------
+# 2. Network: the TF 2015-12-05 Inception v3 as pytorch-fid ports it.
+#    Module names match torchvision's Inception3, hence the weight file.
+# ---------------------------------------------------------------------------
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> BatchNorm(eps=1e-3) -> ReLU; `fuse()` folds the BN."""
+
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+        self.fused = False
+
+    def fuse(self):
+        # BN(conv(x)) = conv(x) * s + (beta - mean * s), s = gamma / sqrt(var + eps),
+        # folded in float64; non-persistent buffers: the state dict is unchanged
+        bn, w = self.bn, self.conv.weight.detach()
+        s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        b = bn.bias.double() - bn.running_mean.double() * s
+        self.register_buffer('w_fused', (w.double() * s[:, None, None, None]).to(w.dtype),
+                             persistent=False)
+        self.register_buffer('b_fused', b.to(w.dtype).detach(), persistent=False)
+        self.fused = True
+
+    def forward(self, x):
+        if not self.fused:
+            return torch.relu_(self.bn(self.conv(x)))
+        c = self.conv
+        if x.device.type == 'cpu' and not x.requires_grad and _onednn_conv_relu():
+            # conv + bias + ReLU in one oneDNN call (same numbers, ~15% faster)
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.w_fused, self.b_fused, c.padding, c.stride, c.dilation,
+                1, 'relu', [], '')
+        return torch.relu_(F.conv2d(x, self.w_fused, self.b_fused, c.stride, c.padding))
+
+
+_ONEDNN = []
+
+
+def _onednn_conv_relu():
+    """Whether torch's private oneDNN conv+ReLU op exists and agrees with
+    F.conv2d + ReLU here (checked once; otherwise the public ops are used)."""
+    if not _ONEDNN:
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(4, 8, 3, 3, generator=g), torch.randn(4, generator=g)
+            y = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [2, 2], [1, 1],
+                                                        1, 'relu', [], '')
+            ok = torch.allclose(y, F.relu(F.conv2d(x, w, b, 2, 1)), rtol=1e-5, atol=1e-5)
+        except Exception:
+            ok = False
+        _ONEDNN.append(ok)
+    return _ONEDNN[0]
+
+
+def _cat(*branches):
+    return torch.cat(branches, 1)
+
+
+def _avg3(x):
+    # FID patch: TF's average pool ignores the zero padding
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):            # Mixed_5b..5d (patched pool)
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return _cat(self.branch1x1(x),
+                    self.branch5x5_2(self.branch5x5_1(x)),
+                    self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                    self.branch_pool(_avg3(x)))
+
+
+class InceptionB(nn.Module):            # Mixed_6a (grid reduction)
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return _cat(self.branch3x3(x),
+                    self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                    F.max_pool2d(x, 3, stride=2))
+
+
+class InceptionC(nn.Module):            # Mixed_6b..6e (patched pool)
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f'branch7x7dbl_{i}')(d)
+        return _cat(self.branch1x1(x), b7, d, self.branch_pool(_avg3(x)))
+
+
+class InceptionD(nn.Module):            # Mixed_7a (grid reduction)
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for i in range(1, 5):
+            b7 = getattr(self, f'branch7x7x3_{i}')(b7)
+        return _cat(self.branch3x3_2(self.branch3x3_1(x)), b7,
+                    F.max_pool2d(x, 3, stride=2))
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b (pool patched: average ignoring padding) and Mixed_7c (pool
+    patched: max pool, as in the TF graph)."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        p = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
+        return _cat(self.branch1x1(x),
+                    self.branch3x3_2a(a), self.branch3x3_2b(a),
+                    self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+                    self.branch_pool(p))
+
+
+class FIDInception(nn.Module):
+    """The FID Inception v3. `forward(x)` takes images in [-1, 1], (B, 1 or 3,
+    H, W) of any size, and returns (B, dims) float32 features;
+    `forward(x, return_logits=True)` also returns the (B, 1008) logits used
+    for the Inception Score (pool features @ fc.weight.T, without the bias)."""
+
+    # the four blocks whose outputs give the 64/192/768/2048-d features
+    STAGES = [['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'pool'],
+              ['Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'pool'],
+              ['Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b',
+               'Mixed_6c', 'Mixed_6d', 'Mixed_6e'],
+              ['Mixed_7a', 'Mixed_7b', 'Mixed_7c']]
+
+    def __init__(self, dims=2048):
+        super().__init__()
+        if dims not in DIMS:
+            raise FIDError(f'--dims must be one of {DIMS}, not {dims}')
+        self.dims = dims
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+        self.channels_last = False
+
+    def fuse(self, channels_last=True):
+        """Fold every BatchNorm into its conv and (optionally) switch to
+        channels_last: features change by ~1e-6 of their scale (rounding),
+        faster on CPU. The state dict is unchanged."""
+        for m in self.modules():
+            if isinstance(m, BasicConv2d):
+                m.fuse()
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    def prepare(self, x, zero_one=False):
+        """Images -> (B, 3, 299, 299) float32 in [-1, 1]. pytorch-fid resizes
+        [0, 1] images (bilinear, align_corners=False, no antialias) and then
+        maps to [-1, 1]; `zero_one=True` follows that exact order."""
+        x = x.to(torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode='bilinear',
+                              align_corners=False)
+        return 2 * x - 1 if zero_one else x
+
+    def train(self, mode=True):
+        """Always eval: BatchNorm must use the weight file's statistics."""
+        return super().train(False)
+
+    def forward(self, x, return_logits=False, zero_one=False):
+        x = x.to(self.fc.weight.device)
+        with _exact_fp32(x.device):
+            x = self.prepare(x, zero_one)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats = None
+            for dims, names in zip(DIMS, self.STAGES):
+                for name in names:
+                    x = F.max_pool2d(x, 3, stride=2) if name == 'pool' \
+                        else getattr(self, name)(x)
+                if dims == self.dims:
+                    # lower blocks are averaged over space, as pytorch-fid does
+                    feats = F.adaptive_avg_pool2d(x, 1).flatten(1)
+                    if not return_logits:
+                        return feats
+            pool = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            return feats, F.linear(pool, self.fc.weight)
+
+
+@contextmanager
+def _exact_fp32(device):
+    """fp32 without TF32 on CUDA and without autocast, restoring the
+    caller's settings afterwards."""
+    if device.type != 'cuda':
+        with torch.autocast(device.type, enabled=False):
+            yield
+        return
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = 'ieee'
+    try:
+        with torch.autocast('cuda', enabled=False):
+            yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = saved
+
+
+def load_inception(weights=None, device='cpu', dims=2048, fast=True):
+    """The FID Inception in eval mode, fp32, on `device`. `fast` folds the
+    BatchNorms and uses channels_last (see FIDInception.fuse)."""
+    model = load_weights(FIDInception(dims), resolve_weights(weights))
+    model.requires_grad_(False).eval().to(device)
+    return model.fuse(channels_last=True) if fast else model
+
+
+def model_fingerprint(model):
+    """Short hash of the weights, stored with cached statistics."""
+    sd, h = model.state_dict(), hashlib.sha1()
+    for k in ('Conv2d_1a_3x3.conv.weight', 'Mixed_7c.branch_pool.conv.weight', 'fc.bias'):
+        h.update(sd[k].detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# 3. Streaming statistics and feature extraction (sharded under torchrun)
+# ---------------------------------------------------------------------------
+
+def _dist():
+    """(rank, world size); (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device():
+    if dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+class RunningStats:
+    """Mean and covariance of features seen so far, in float64, from the
+    running sum and the running sum of outer products: memory does not grow
+    with the number of samples."""
+
+    def __init__(self, dims=None):
+        self.n, self.dims, self.sum, self.outer = 0, dims, None, None
+
+    def update(self, features):
+        f = torch.as_tensor(features).detach().flatten(1).to(torch.float64)
+        if self.sum is None:
+            self.dims = f.shape[1]
+            self.sum = f.new_zeros(self.dims)
+            self.outer = f.new_zeros(self.dims, self.dims)
+        elif f.shape[1] != self.dims:
+            raise FIDError(f'features have {f.shape[1]} dims, expected {self.dims}')
+        self.n += f.shape[0]
+        self.sum += f.sum(0).to(self.sum.device)
+        self.outer += (f.T @ f).to(self.outer.device)
+        return self
+
+    def all_reduce(self):
+        """Sum the statistics of every rank (no-op without torch.distributed)."""
+        if _dist()[1] == 1:
+            return self
+        if self.dims is None:
+            raise FIDError('RunningStats.all_reduce needs dims on a rank without samples')
+        dev = _comm_device()
+        buf = torch.zeros(1 + self.dims + self.dims ** 2, dtype=torch.float64, device=dev)
+        if self.sum is not None:
+            buf[0] = self.n
+            buf[1:1 + self.dims] = self.sum.to(dev)
+            buf[1 + self.dims:] = self.outer.to(dev).flatten()
+        dist.all_reduce(buf)
+        self.n = int(round(buf[0].item()))
+        self.sum = buf[1:1 + self.dims].clone()
+        self.outer = buf[1 + self.dims:].view(self.dims, self.dims).clone()
+        return self
+
+    def mean_cov(self):
+        """(mu, sigma) as float64 numpy arrays (sigma with the N - 1 divisor)."""
+        if self.n < 2:
+            raise FIDError(f'need at least 2 samples for a covariance, got {self.n}')
+        if self.n < self.dims and _dist()[0] == 0:
+            warnings.warn(f'{self.n} samples for {self.dims}-d features: the '
+                          f'covariance is singular and FID is biased; use at '
+                          f'least {self.dims} (10,000+ to compare with papers)')
+        mu = self.sum / self.n
+        # sigma = (sum x x^T - n mu mu^T) / (n - 1)
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        sigma = (sigma + sigma.T) / 2
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def _all_gather_rows(x):
+    """Concatenate per-rank rows, undoing the `items[rank::world]` sharding."""
+    rank, world = _dist()
+    if world == 1:
+        return x
+    dev = _comm_device()
+    x = x.to(dev)
+    n = torch.tensor([x.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = x.new_zeros((max(sizes),) + x.shape[1:])
+    pad[:x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    out = x.new_empty((sum(sizes),) + x.shape[1:])
+    for r in range(world):
+        out[r::world] = parts[r][:sizes[r]]
+    return out
+
+
+class _Extractor:
+    """Runs batches through the model, feeding RunningStats and, when asked
+    (IS, KID), keeping the features and logits."""
+
+    def __init__(self, model, features=False, logits=False):
+        self.model, self.keep, self.want_logits = model, features, logits
+        self.device = next(model.parameters()).device
+        self.stats = RunningStats(model.dims)
+        self.feats, self.logits = [], []
+
+    @torch.no_grad()
+    def add(self, x, zero_one=False):
+        x = x.to(self.device, non_blocking=True)
+        out = self.model(x, return_logits=self.want_logits, zero_one=zero_one)
+        f, lg = out if self.want_logits else (out, None)
+        self.stats.update(f)
+        if self.keep:
+            self.feats.append(f.cpu())
+        if lg is not None:
+            self.logits.append(lg.cpu())
+
+    def result(self):
+        """dict with mu, sigma (and features, logits): same on every rank."""
+        res = dict(zip(('mu', 'sigma'), self.stats.all_reduce().mean_cov()))
+        for name, rows in (('features', self.feats), ('logits', self.logits)):
+            if rows:
+                res[name] = _all_gather_rows(torch.cat(rows)).cpu().numpy()
+        return res
+
+
+def _stack_images(items):
+    """collate_fn: a batch of images, or of (image, label, ...) tuples."""
+    return torch.stack([t[0] if isinstance(t, (tuple, list)) else t for t in items])
+
+
+def extract_images(images, model, batch_size=50, num_workers=0,
+                   features=False, logits=False):
+    """dict(mu, sigma[, features][, logits]) of a (N, C, H, W) tensor in
+    [-1, 1], or of a data set whose items are such images (or (image, label)
+    tuples). Sharded across ranks under torch.distributed (images
+    rank::world); every rank gets the same result, rows in the original order."""
+    rank, world = _dist()
+    ex = _Extractor(model, features, logits)
+    if torch.is_tensor(images):
+        shard = images[rank::world]
+        for i in range(0, len(shard), batch_size):
+            ex.add(shard[i:i + batch_size])
+    else:
+        sub = torch.utils.data.Subset(images, range(rank, len(images), world))
+        loader = torch.utils.data.DataLoader(
+            sub, batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_stack_images)
+        for x in loader:
+            ex.add(x)
+    return ex.result()
+
+
+def extract_generator(sample_fn, n_samples, model, batch_size=50,
+                      features=False, logits=False):
+    """dict(mu, sigma[, features][, logits]) of n_samples images drawn as
+    sample_fn(n) -> (n, C, H, W) in [-1, 1] on any device, under no_grad.
+    Under torch.distributed each rank draws its share and every rank gets
+    the same result."""
+    rank, world = _dist()
+    todo = n_samples // world + (rank < n_samples % world)
+    ex = _Extractor(model, features, logits)
+    with torch.no_grad():
+        while todo > 0:
+            b = min(batch_size, todo)
+            x = sample_fn(b)
+            if x.shape[0] != b:
+                raise FIDError(f'sample_fn({b}) returned {x.shape[0]} images')
+            ex.add(x.detach())
+            todo -= b
+    return ex.result()
+
+
+def statistics_from_images(images, model, batch_size=50, num_workers=0):
+    """(mu, sigma) of images in [-1, 1]: a tensor or a data set (extract_images)."""
+    res = extract_images(images, model, batch_size, num_workers)
+    return res['mu'], res['sigma']
+
+
+def statistics_from_generator(sample_fn, n_samples, model, batch_size=50):
+    """(mu, sigma) of n_samples images from sample_fn(n) (extract_generator)."""
+    res = extract_generator(sample_fn, n_samples, model, batch_size)
+    return res['mu'], res['sigma']
+
+
+# --- image folders ---------------------------------------------------------
+
+def list_images(path):
+    """Every image under `path` (recursive), sorted."""
+    if not os.path.isdir(path):
+        raise FIDError(f'{path}: no such folder or .npz file')
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path)
+                   for f in names
+                   if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS)
+    if len(files) < 2:
+        raise FIDError(f'{path}: found {len(files)} image(s), need at least 2 '
+                       f'(extensions: {", ".join(sorted(IMAGE_EXTENSIONS))})')
+    return files
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """uint8 (3, H, W) tensors as PIL's convert('RGB') gives them; a broken
+    file yields its error text (raised, named, in the main process)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as im:
+                a = np.asarray(im.convert('RGB'))
+            return torch.from_numpy(a.copy()).permute(2, 0, 1), None
+        except Exception as e:
+            return None, f'cannot read image {self.files[i]}: {e}'
+
+
+def extract_folder(path, model, batch_size=50, num_workers=0,
+                   features=False, logits=False):
+    """dict(mu, sigma[, features][, logits]) of the images under `path` (or
+    of a list of image files), read exactly as pytorch-fid reads them: PIL
+    RGB, /255, resized in [0, 1], then mapped to [-1, 1]. Sharded like
+    extract_images."""
+    rank, world = _dist()
+    files = path if isinstance(path, list) else list_images(path)
+    ex = _Extractor(model, features, logits)
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(files[rank::world]), batch_size=batch_size,
+        num_workers=num_workers, collate_fn=list)
+    for items in loader:
+        for _, err in items:
+            if err:
+                raise FIDError(err.replace('\n', ' '))
+        imgs = [img for img, _ in items]
+        # ToTensor divides by 255; mixed sizes are resized one by one
+        if all(im.shape == imgs[0].shape for im in imgs):
+            ex.add(torch.stack(imgs).to(torch.float32).div(255), zero_one=True)
+        else:
+            ex.add(torch.cat([model.prepare(im[None].to(torch.float32).div(255),
+                                            zero_one=True) for im in imgs]))
+    return ex.result()
+
+
+def load_npz(path):
+    """(mu, sigma) from an .npz written by pytorch-fid or fid.py."""
+    try:
+        with np.load(path) as f:
+            if 'mu' not in f or 'sigma' not in f:
+                raise FIDError(f'{path} has no mu/sigma arrays (it has: '
+                               f'{", ".join(f.files) or "nothing"})')
+            return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+    except FIDError:
+        raise
+    except Exception as e:
+        raise FIDError(f'cannot read {path}: {type(e).__name__}: {e}') from None
+
+
+# ---------------------------------------------------------------------------
+# 4. Metrics
+# ---------------------------------------------------------------------------
+
+def _clean_eigenvalues(w, what, scale):
+    """Eigenvalues of a symmetric PSD matrix, rounding noise set to 0.
+
+    pytorch-fid raises when sqrtm has a large imaginary part (> 1e-3), i.e.
+    the matrices are not covariances; here that shows as a clearly negative
+    eigenvalue (sqrt(-w) > 1e-3). An eigenvalue below d * eps * scale (scale:
+    the norm the matrix was computed from) is rounding noise, as in
+    rank-deficient covariances (N < d): it becomes 0, since sqrt would magnify
+    it (sqrt(1e-16) = 1e-8)."""
+    tol = len(w) * np.finfo(np.float64).eps * scale
+    if w[0] < -max(1e-6, tol):
+        raise FIDError(f'{what} is not positive semi-definite (eigenvalue '
+                       f'{w[0]:.3g}): not a covariance matrix')
+    return np.where(w > tol, w, 0.0)
+
+
+def _trace_sqrt_product(sigma1, sigma2):
+    """tr sqrt(sigma1 sigma2) for symmetric PSD matrices, in float64.
+
+    With sigma1 = V diag(w) V^T and A = V diag(sqrt w), sigma1 sigma2 is
+    similar to A^T sigma2 A (symmetric PSD), so tr sqrt(sigma1 sigma2) =
+    sum sqrt(eig(A^T sigma2 A)), as with sqrt(sigma1) sigma2 sqrt(sigma1)."""
+    w, v = np.linalg.eigh(sigma1)
+    w1 = np.abs(w).max()
+    a = v * np.sqrt(_clean_eigenvalues(w, 'sigma1', w1))
+    m = a.T @ sigma2 @ a
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    # M's rounding error scales with |sigma1| |sigma2| (2-norm, here bounded
+    # by the Frobenius norm), not with its own norm
+    scale = w1 * np.linalg.norm(sigma2)
+    return np.sqrt(_clean_eigenvalues(lam, 'sigma2 (seen through sigma1)', scale)).sum()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), float64,
+    without scipy.linalg.sqrtm (see _trace_sqrt_product)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise FIDError(f'statistics have different dimensions: mu {mu1.shape} '
+                       f'sigma {s1.shape} vs mu {mu2.shape} sigma {s2.shape} '
+                       f'(compute both with the same --dims)')
+    for a in (mu1, mu2, s1, s2):
+        if not np.isfinite(a).all():
+            raise FIDError('statistics contain NaN or inf')
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    try:
+        tr = _trace_sqrt_product(s1, s2)
+    except np.linalg.LinAlgError:
+        tr = float('nan')
+    if not np.isfinite(tr):
+        # pytorch-fid's rule for a singular product: offset the diagonals
+        warnings.warn(f'fid calculation produces singular product; adding '
+                      f'{eps} to diagonal of cov estimates')
+        off = np.eye(len(s1)) * eps
+        tr = _trace_sqrt_product(s1 + off, s2 + off)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)
+
+
+def inception_score(logits_or_probs, splits=10, probs=None):
+    """(mean, std) over `splits` consecutive parts of exp(E_x KL(p(y|x) || p(y))),
+    as the original improved-GAN code, TTUR and torch-fidelity (without its
+    shuffle). Classes: all 1008 outputs of the TF graph's softmax (the 1000
+    ImageNet classes plus the graph's 8 extra outputs that no label uses),
+    from the logits without the fc bias, as improved-GAN's matmul with the
+    softmax weights (FIDInception's return_logits, torch-fidelity's
+    'logits_unbiased'). Rows that are non-negative and sum to 1 are taken as
+    probabilities unless `probs` says otherwise."""
+    x = np.asarray(torch.as_tensor(logits_or_probs).double().cpu())
+    if probs is None:
+        probs = bool((x >= 0).all() and np.allclose(x.sum(1), 1, atol=1e-5))
+    if len(x) < splits:
+        raise FIDError(f'Inception Score needs at least {splits} images, got {len(x)}')
+    if probs:
+        p = x
+        logp = np.log(np.clip(p, 1e-300, None))
+    else:
+        logp = x - x.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        p = np.exp(logp)
+    scores = []
+    for k in range(splits):
+        part = slice(k * len(x) // splits, (k + 1) * len(x) // splits)
+        log_py = np.log(p[part].mean(0))
+        kl = (p[part] * (logp[part] - log_py)).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def kernel_inception_distance(feats1, feats2, n_subsets=100, subset_size=1000, seed=0):
+    """(mean, std) of the unbiased MMD^2 with the kernel k(x, y) = (x.y/d + 1)^3
+    over n_subsets pairs of subsets of m = min(subset_size, n1, n2) rows, drawn
+    without replacement by numpy RandomState(seed).choice (set 1, then set 2)."""
+    f1 = np.asarray(torch.as_tensor(feats1).double().cpu())
+    f2 = np.asarray(torch.as_tensor(feats2).double().cpu())
+    if f1.shape[1] != f2.shape[1]:
+        raise FIDError(f'KID features have different dimensions: {f1.shape[1]} vs {f2.shape[1]}')
+    d, m = f1.shape[1], min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise FIDError('KID needs at least 2 images in each set')
+    rng = np.random.RandomState(seed)
+    vals = []
+    for _ in range(n_subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        # MMD^2_u = sum_{i!=j} (kxx + kyy) / (m (m-1)) - 2 sum kxy / m^2
+        off = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
+        vals.append(off / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+# ---------------------------------------------------------------------------
+# 5. Training-loop helpers: cached reference statistics, FIDTracker
+# ---------------------------------------------------------------------------
+
+def reference_statistics(key, images, model, cache_dir, batch_size=50):
+    """(mu, sigma) of `images`, cached as <cache_dir>/fid_stats_<key>.npz.
+    The cache is used only when its dims, image count and weights match."""
+    key = ''.join(c if c.isalnum() or c in '._-' else '_' for c in str(key))
+    path = os.path.join(cache_dir, f'fid_stats_{key}.npz')
+    want = dict(dims=model.dims, n=len(images), model=model_fingerprint(model))
+    cached = None
+    try:
+        with np.load(path) as f:
+            if all(str(f[k]) == str(v) for k, v in want.items()):
+                cached = f['mu'], f['sigma']
+    except Exception:
+        pass                              # absent, stale or unreadable: recompute
+    rank, world = _dist()
+    if world > 1:                         # all ranks must take the same branch
+        flag = torch.tensor([cached is not None], dtype=torch.int32, device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        cached = cached if flag.item() else None
+    if cached is not None:
+        return cached
+    mu, sigma = statistics_from_images(images, model, batch_size)
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.npz')
+        os.close(fd)
+        np.savez(tmp, mu=mu, sigma=sigma, **want)
+        os.replace(tmp, path)
+    return mu, sigma
+
+
+class FIDTracker:
+    """FID of generator samples against fixed real images, for training loops.
+
+        tracker = FIDTracker(real_images, 'digits-32', device, n_samples=5000)
+        fid = tracker.score(lambda n: G(torch.randn(n, nz, device=device)))
+
+    Weights are resolved when it is built (a missing file fails at start-up,
+    not mid-run); the real statistics are cached in `cache_dir`. Under
+    torch.distributed each rank draws its share of samples and every rank
+    gets the same number."""
+
+    def __init__(self, real_images, key, device, n_samples=10000, batch_size=50,
+                 cache_dir='fid_cache', weights=None, dims=2048):
+        self.model = load_inception(weights, device, dims)
+        self.n_samples, self.batch_size = n_samples, batch_size
+        self.mu, self.sigma = reference_statistics(
+            f'{key}-n{len(real_images)}-d{dims}', real_images, self.model,
+            cache_dir, batch_size)
+
+    def scores(self, sample_fn, isc=False):
+        """dict(fid=...), plus is_mean and is_std when isc."""
+        res = extract_generator(sample_fn, self.n_samples, self.model,
+                                self.batch_size, logits=isc)
+        out = {'fid': frechet_distance(self.mu, self.sigma, res['mu'], res['sigma'])}
+        if isc:
+            out['is_mean'], out['is_std'] = inception_score(res['logits'])
+        if _dist()[1] > 1:                # bit-identical on every rank
+            obj = [out]
+            dist.broadcast_object_list(obj, src=0)
+            out = obj[0]
+        return out
+
+    def score(self, sample_fn):
+        """FID of sample_fn's images (n_samples of them) against the real ones."""
+        return self.scores(sample_fn)['fid']
+
+
+# ---------------------------------------------------------------------------
+# 6. CLI: python fid.py PATH1 PATH2 (as python -m pytorch_fid), torchrun-aware
+# ---------------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(
+        description='FID between two image folders (recursive) or .npz '
+                    'statistics, with the Inception pytorch-fid uses.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('path', nargs=2, help='image folders or .npz files with mu/sigma')
+    p.add_argument('--batch-size', type=int, default=50)
+    p.add_argument('--device', default=None, help='cpu, cuda, cuda:N (default: cuda if available)')
+    p.add_argument('--dims', type=int, default=2048, choices=DIMS)
+    p.add_argument('--num-workers', type=int, default=None,
+                   help='image loading processes (default: 0 on CPU, where '
+                        'inference dominates; min(8, cpus) on CUDA)')
+    p.add_argument('--weights', default=None, help='weights file (else $FID_WEIGHTS, '
+                   'the torch hub cache, or a download)')
+    p.add_argument('--save-stats', action='store_true',
+                   help='write the statistics of PATH1 (a folder) to PATH2 (.npz)')
+    p.add_argument('--is', dest='isc', action='store_true',
+                   help='also print the Inception Score of each folder')
+    p.add_argument('--kid', action='store_true', help='also print KID (folders only)')
+    return p
+
+
+def _cli(args):
+    if args.batch_size < 1:
+        raise FIDError('--batch-size must be at least 1')
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise FIDError(f'--device {args.device}: expected cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise FIDError(f'--device {args.device}: CUDA is not available here')
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
+        if device.type == 'cuda':          # torchrun: one GPU per rank
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    workers = args.num_workers
+    if workers is None:
+        workers = 0 if device.type == 'cpu' else min(8, len(os.sched_getaffinity(0)))
+
+    # check every input before the (slow) extraction starts
+    paths = args.path[:1] if args.save_stats else args.path
+    if args.save_stats and os.path.exists(args.path[1]):
+        raise FIDError(f'{args.path[1]} exists; not overwriting it')
+    inputs = []
+    for p in paths:
+        if p.endswith('.npz') and not args.save_stats:
+            if not os.path.isfile(p):
+                raise FIDError(f'{p}: no such file')
+            mu, sigma = load_npz(p)
+            inputs.append(dict(mu=mu, sigma=sigma))
+        else:
+            inputs.append(list_images(p))
+    folders = [isinstance(x, list) for x in inputs]
+    if args.kid and not all(folders):
+        raise FIDError('--kid needs two image folders (.npz files hold only mu/sigma)')
+    for p, x in zip(paths, inputs):
+        if any(folders) and not isinstance(x, list) and len(x['mu']) != args.dims:
+            raise FIDError(f'{p} holds {len(x["mu"])}-d statistics but --dims is '
+                           f'{args.dims}')
+
+    stats = inputs
+    if any(folders):
+        model = load_inception(args.weights, device, args.dims)
+        stats = [extract_folder(x, model, args.batch_size, workers,
+                                features=args.kid, logits=args.isc)
+                 if isinstance(x, list) else x for x in inputs]
+    if _dist()[0] != 0:
+        return None
+    if args.save_stats:
+        np.savez_compressed(args.path[1], mu=stats[0]['mu'], sigma=stats[0]['sigma'])
+        return []
+    out = [f'IS ({p}):  {"%s %s" % inception_score(s["logits"])}'
+           for p, s in zip(args.path, stats) if 'logits' in s]
+    if args.kid:
+        out.append('KID:  %s %s' % kernel_inception_distance(stats[0]['features'],
+                                                            stats[1]['features']))
+    (m1, s1), (m2, s2) = [(s['mu'], s['sigma']) for s in stats]
+    out.append(f'FID:  {frechet_distance(m1, s1, m2, s2)}')
+    return out
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    shown = warnings.showwarning          # one line per warning, no source
+    warnings.showwarning = lambda msg, *a, **k: print(f'warning: {msg}', file=sys.stderr)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    try:
+        lines = _cli(args)
+    except FIDError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        warnings.showwarning = shown
+        if owns_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    for line in lines or []:
+        print(line)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
