@@ -1,0 +1,126 @@
+"""Mode coverage of pmgan.py: ring8, grid25 and stacked-digits, several seeds per setting.
+
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py ring8     # K=8 balance / const / K=1, 5 seeds
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py grid25    # K=1 / 8 / 25 (+ const), 3 seeds
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked   # stacked-digits, K = 1, 4, 8 (reduced)
+
+Each run is the plain command line printed before it (run folders under bench/work/pmgan/; a
+finished run is reused). Writes bench/results/pmgan_modes_<experiment>.md (table: mean and
+spread over seeds, per-seed values) and, for 2-D sets, one scatter figure per setting
+(bench/results/pmgan_<experiment>_<setting>.png, one panel per seed, one colour per generator).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import common  # noqa: E402
+import pmgan   # noqa: E402
+
+WORK = os.path.join(REPO, 'bench', 'work', 'pmgan')
+RESULTS = os.path.join(REPO, 'bench', 'results')
+LOG = ['--log_interval', '1000', '--sample_interval', '0', '--ckpt_interval', '0']
+STACKED = ['--dataset', 'stacked-digits', '--width', '32', '--batch_size', '128', '--n_iters', '1500']
+EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
+    'ring8': (range(5), [('K8_balance', ['--dataset', 'ring8', '--n_gen', '8']),
+                         ('K8_const', ['--dataset', 'ring8', '--n_gen', '8', '--beta_mode', 'const']),
+                         ('K1', ['--dataset', 'ring8', '--n_gen', '1'])]),
+    'grid25': (range(3), [('K1', ['--dataset', 'grid25', '--n_gen', '1']),
+                          ('K8_balance', ['--dataset', 'grid25', '--n_gen', '8']),
+                          ('K25_balance', ['--dataset', 'grid25', '--n_gen', '25']),
+                          ('K25_const', ['--dataset', 'grid25', '--n_gen', '25', '--beta_mode', 'const'])]),
+    'stacked': (range(2), [('K1', STACKED + ['--n_gen', '1']), ('K4', STACKED + ['--n_gen', '4']),
+                           ('K8', STACKED + ['--n_gen', '8'])]),
+}
+
+
+def run(experiment, setting, flags, seed):
+    out = os.path.join(WORK, experiment, f'{setting}-seed{seed}')
+    summary = os.path.join(out, 'summary.json')
+    if not os.path.exists(summary):
+        if os.path.exists(out):
+            subprocess.run(['rm', '-rf', out], check=True)
+        cmd = ['python', 'pmgan.py'] + flags + ['--seed', str(seed), '--out_dir', out] + LOG
+        print('$ OMP_NUM_THREADS=1 ' + ' '.join(cmd), flush=True)
+        subprocess.run([sys.executable] + cmd[1:], cwd=REPO, check=True, capture_output=True,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    with open(summary) as f:
+        return json.load(f)
+
+
+def scatter(experiment, setting, seeds):
+    """One panel per seed: 2,500 samples of the mixture, coloured by generator, over the modes."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(seeds), figsize=(3 * len(seeds), 3.2), squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        out = os.path.join(WORK, experiment, f'{setting}-seed{seed}')
+        with open(os.path.join(out, 'args.json')) as f:
+            ns = argparse.Namespace(**json.load(f))
+        with open(os.path.join(out, 'summary.json')) as f:
+            summary = json.load(f)
+        data = common.load_data(ns.dataset)
+        K = ns.n_gen
+        gens = pmgan.build_generators(ns, data, K)
+        gens.load_state_dict(pmgan.join_members(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['generators']))
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(1)
+            pts = gens(torch.randn(K, -(-2500 // K), ns.latent_dim))
+        ax.scatter(data.centres[:, 0], data.centres[:, 1], marker='x', c='0.6', s=12)
+        colours = plt.cm.tab10.colors if K <= 10 else plt.cm.turbo([k / (K - 1) for k in range(K)])
+        for k in range(K):
+            ax.scatter(pts[k, :, 0], pts[k, :, 1], s=2, alpha=0.5, color=colours[k])
+        lim = 2.6 if ns.dataset == 'ring8' else 5.2
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect='equal', xticks=[], yticks=[])
+        ax.set_title(f'seed {seed}: {summary["modes_covered"]} modes, hq {summary["hq_fraction"]:.2f}', fontsize=8)
+    fig.suptitle(f'pmgan.py {experiment} {setting}', fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f'pmgan_{experiment}_{setting}.png')
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main():
+    experiment = sys.argv[1]
+    jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    seeds, settings = EXPERIMENTS[experiment]
+    todo = [(setting, flags, seed) for setting, flags in settings for seed in seeds]
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda t: run(experiment, *t), todo))
+    by_setting = {}
+    for (setting, flags, seed), summary in zip(todo, results):
+        by_setting.setdefault(setting, []).append(summary)
+
+    keys = ['modes_covered', 'hq_fraction', 'kl_uniform'] if experiment != 'stacked' else ['modes_covered', 'kl_uniform']
+    lines = [f'| setting ({len(seeds)} seeds) | ' + ' | '.join(f'{k} mean +- sd' for k in keys)
+             + ' | modes per seed | wall s per run |', '|---' * (len(keys) + 3) + '|']
+    for setting, flags in settings:
+        rows = by_setting[setting]
+        cells = []
+        for k in keys:
+            values = [r[k] for r in rows]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f'{statistics.mean(values):.3g} +- {sd:.2g}')
+        per_seed = ', '.join(str(r['modes_covered']) for r in rows)
+        wall = statistics.mean(r['wall_seconds'] for r in rows)
+        lines.append(f'| {setting}: `{" ".join(flags)}` | ' + ' | '.join(cells) + f' | {per_seed} | {wall:.0f} |')
+    figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if experiment != 'stacked' else []
+    text = '\n'.join([f'Command: `OMP_NUM_THREADS=1 python bench/pmgan_modes.py {experiment}` '
+                      f'(2-core CPU, shared); each run: `python pmgan.py <flags> --seed S {" ".join(LOG)}`', '']
+                     + lines + [''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in figures])
+    with open(os.path.join(RESULTS, f'pmgan_modes_{experiment}.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,352 @@
+"""PMGAN: paralleled mix-generator GAN with balance control (Xiao & Rajasekaran; seed 001).
+
+K generators, a discriminator D (real vs fake) and a classifier C (K-way softmax: which generator
+made this sample?). With --share_dc (default) C is a second head on D's body. Losses (eq. 2 as
+../shared/DESIGN.md section 5 reads it; t = --trunc, s_k = logit D(G_k(z))):
+    L_D   = BCE(D(x), 1) + (1/K) sum_k BCE(D(G_k(z)), 0)
+    L_C   = (1/K) sum_k CE(C(G_k(z)), k)
+    L_G_k = -E clamp(s_k, max=logit(t)) + beta_k * CE(C(G_k(z)), k)
+The first G term is the seed's reverse-KL loss log(1 - D) - log D = -logit D, truncated where
+D > t. The balance term beta (eq. 3-4) is recomputed each step, without gradient, from the
+current batch:  J^D_k = E log D(x) + E log(1 - D(G_k(z))),  J^C_k = E log C_k(G_k(z)),
+    w = softmax(J^D),  d_k = sigmoid(J^D_k),  c_k = J^C_k,
+    beta_k = w_k exp(-(c_k / d_k - lambda)),  beta = softmax(beta) * exp(-alpha * step)
+(lambda = --diversity, alpha = --beta_decay); --beta_mode const uses beta_k = --beta (MGAN-style).
+
+Parallel (torchrun): rank r owns the generators k with k mod W == r and trains only those; D and
+C are data-parallel (DDP); the per-generator statistics beta needs are all-gathered (the seed's
+"shared memory slots"). The checkpoint holds one state per generator, so a run resumes on any W.
+
+    python pmgan.py                                       # ring8, K = 8, a few CPU minutes
+    python pmgan.py --dataset grid25 --n_gen 25
+    python pmgan.py --dataset stacked-digits --n_gen 8    # DCGAN nets, modes of 1000
+    torchrun --nproc_per_node 2 pmgan.py --n_gen 3        # generators split 2 / 1
+"""
+import argparse
+import contextlib
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+parser = common.base_parser(__doc__, dataset='ring8')
+parser.add_argument('--n_gen', type=common.positive_int, default=8, help='number of generators K')
+parser.add_argument('--gen_batch', type=int, default=0,
+                    help='fake samples per generator per step (0 = batch_size // K, at least 1)')
+parser.add_argument('--share_dc', action=argparse.BooleanOptionalAction, default=True,
+                    help='C is a second head on D\'s body (--no-share_dc: a separate net)')
+parser.add_argument('--trunc', type=float, default=0.99, help='t: truncate the G loss where D > t')
+parser.add_argument('--beta_mode', choices=('balance', 'const'), default='balance',
+                    help='balance: eq. 3-4; const: beta_k = --beta for every generator')
+parser.add_argument('--beta', type=float, default=1.0, help='beta_k for --beta_mode const')
+parser.add_argument('--beta_decay', type=float, default=0.0, help='alpha: beta times exp(-alpha * step)')
+parser.add_argument('--diversity', type=float, default=0.0, help='lambda, the diversity factor of eq. 4')
+parser.add_argument('--width', type=int, default=0,
+                    help='hidden width of the MLP nets (2-D; default 128) or ngf = ndf of the DCGAN nets '
+                         '(images; default 64)')
+parser.set_defaults(batch_size=256, img_size=16, n_epochs=None, sample_interval=1000, log_interval=200)
+DEFAULT_EPOCHS = {'ring8': 15, 'grid25': 15, 'digits': 200}   # about 6k, 6k and 1.4k iterations
+
+
+# ---- losses and the balance term ----------------------------------------------------------
+
+def generator_loss(d_logits, c_logits, beta, labels, trunc):
+    """L_G_k for each generator (eq. 2 as DESIGN 5 reads it), from logits.
+
+    d_logits (K, m): D's logits on generator k's m samples; c_logits (K, m, n_classes): C's;
+    beta (K,) and labels (K,) (generator k's class, its global index). Returns (K,) losses and
+    the two terms: adversarial -E clamp(s_k, max=logit(t)) and classification CE(C(G_k(z)), k).
+    """
+    adversarial = -d_logits.clamp(max=math.log(trunc / (1 - trunc))).mean(1)
+    m = d_logits.shape[1]
+    ce = F.cross_entropy(c_logits.flatten(0, 1), labels.repeat_interleave(m), reduction='none')
+    classification = ce.view(-1, m).mean(1)
+    return adversarial + beta * classification, adversarial, classification
+
+
+@torch.no_grad()
+def balance_beta(JD, JC, diversity):
+    """beta of eq. 3-4 and its renormalisation, for all K generators, without gradient.
+
+    The raw term b_k overflows early in training (J^C_k is very negative while C is untrained
+    and d_k is small), so it is kept as its log L_k = log b_k, in float64. The renormalisation
+    softmax(b) is shift-invariant: softmax(b) = softmax(b - max b), and b_k - max b =
+    -exp(M + log(1 - exp(L_k - M))) with M = max L is at worst -inf, never inf or NaN. This is
+    exact (no clamp, which would tie saturated generators).
+    """
+    JD, JC = JD.double(), JC.double()
+    log_w = torch.log_softmax(JD, 0)                      # w_k = exp J^D_k / sum_i exp J^D_i  (3)
+    d = torch.sigmoid(JD)                                 # d_k = sigma(J^D_k)                 (3)
+    L = log_w - (JC / d - diversity)                      # log b_k, b_k = w_k exp(-(c_k/d_k - lambda)) (4)
+    M = L.max()
+    shifted = -torch.exp(M + torch.log1p(-torch.exp(L - M)))   # b_k - max b, without overflow
+    return torch.softmax(shifted, 0).float()              # beta_k = exp b_k / sum_i exp b_i
+
+
+# ---- nets --------------------------------------------------------------------------------
+
+class DiscriminatorClassifier(nn.Module):
+    """D's real/fake logit and C's K logits from one call. Shared (--share_dc): one net whose head
+    has 1 + K outputs, the first D's and the rest C's (a second head on the same body). Separate:
+    two nets of the same shape run as a 2-member ensemble (net 0 is D, net 1 is C)."""
+
+    def __init__(self, net, shared):
+        super().__init__()
+        self.net, self.shared = net, shared
+
+    def forward(self, x):
+        out = self.net(x).float()
+        if self.shared:
+            return out[:, 0], out[:, 1:]
+        return out[0, :, 0], out[1, :, 1:]
+
+
+def build_generators(args, data, n):
+    if data.is_2d:   # a small MLP, no batch norm, no tanh: the points live on [-4, 4]^2
+        return common.MLPGenerators(n, args.latent_dim, data.shape, hidden=(args.width,) * 2,
+                                    batchnorm=False, tanh=False)
+    return common.DCGANGenerators(n, args.latent_dim, args.img_size, data.shape[0], ngf=args.width)
+
+
+def build_dc(args, data):
+    n_out, n_nets = 1 + args.n_gen, 1 if args.share_dc else 2
+    if data.is_2d:
+        net = common.MLPDiscriminator(data.shape, hidden=(args.width,) * 2, n_out=n_out, n_nets=n_nets)
+    else:
+        net = common.DCGANDiscriminator(args.img_size, data.shape[0], ndf=args.width, n_out=n_out,
+                                        n_nets=n_nets)
+    return DiscriminatorClassifier(net, args.share_dc)
+
+
+@contextlib.contextmanager
+def frozen(net):
+    """No parameter gradients for `net` inside (the generator step does not train D and C)."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        yield net
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(True)
+
+
+# ---- one state per generator: ensembles hold member k as slice k of every tensor's first axis ----
+
+def split_members(tree, n):
+    """A state dict (nets or optimizers) of an n-member ensemble -> n per-member state dicts."""
+    if torch.is_tensor(tree) and tree.dim() > 0:
+        return [t.clone() for t in tree.reshape(n, -1, *tree.shape[1:]).unbind(0)]
+    if isinstance(tree, dict):
+        parts = {key: split_members(value, n) for key, value in tree.items()}
+        return [{key: parts[key][i] for key in tree} for i in range(n)]
+    if isinstance(tree, (list, tuple)):
+        parts = [split_members(value, n) for value in tree]
+        return [type(tree)(p[i] for p in parts) for i in range(n)]
+    return [tree] * n   # numbers, strings, 0-dim tensors (Adam's step): shared by all members
+
+
+def join_members(trees):
+    """The inverse of split_members: per-member state dicts -> one ensemble state dict."""
+    first = trees[0]
+    if torch.is_tensor(first) and first.dim() > 0:
+        return torch.cat(trees)
+    if isinstance(first, dict):
+        return {key: join_members([t[key] for t in trees]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(join_members([t[i] for t in trees]) for i in range(len(first)))
+    return first
+
+
+class PerGenerator:
+    """Checkpoint view of this rank's share of the generators (or of their optimizer): saved as
+    a list of K per-generator states, gathered to rank 0 by collect(); other ranks know only their
+    own (None elsewhere). Loading takes each rank's share back, whatever W wrote the checkpoint."""
+
+    def __init__(self, obj, owned, n_gen, ddp):
+        self.obj, self.owned, self.n_gen, self.ddp, self.states = obj, owned, n_gen, ddp, None
+
+    def collect(self):   # every rank calls this before run.save_checkpoint
+        cpu = lambda t: t.detach().cpu() if torch.is_tensor(t) else t
+        mine = dict(zip(self.owned, split_members(self.obj.state_dict(), len(self.owned))))
+        mine = {k: _tree_map(cpu, s) for k, s in mine.items()}
+        shares = [mine]
+        if self.ddp:
+            shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(mine, shares, dst=0)
+            shares = shares or [mine]
+        everyone = {k: s for share in shares for k, s in share.items()}
+        self.states = [everyone.get(k) for k in range(self.n_gen)]
+
+    def state_dict(self):
+        return self.states
+
+    def load_state_dict(self, states):
+        if len(states) != self.n_gen:
+            raise common.UserError(f'the checkpoint holds {len(states)} generators but --n_gen is '
+                                   f'{self.n_gen}: resume with --n_gen {len(states)}')
+        self.obj.load_state_dict(join_members([states[k] for k in self.owned]))
+
+
+def _tree_map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+class Slots:
+    """The seed's shared-memory 'progress' slots: beta, J^D, J^C of all K generators from the
+    last step (identical on every rank); checkpointed for inspection, recomputed every step."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def state_dict(self):
+        return {k: v.detach().cpu() for k, v in self.values.items()}
+
+    def load_state_dict(self, state):
+        self.values = dict(state)
+
+
+def gather_generators(local, run, n_gen):
+    """(K_r, ...) values of this rank's generators -> (K, ...) for all K, in generator order.
+    Ranks own generators r, r + W, r + 2W, ...; shares are padded to one size for all_gather."""
+    if not run.ddp:
+        return local
+    W, slots = run.world_size, -(-n_gen // run.world_size)
+    padded = local.new_zeros(slots, *local.shape[1:])
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(W)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).flatten(0, 1)[:n_gen]   # slot j of rank r is generator j * W + r
+
+
+# ---- training --------------------------------------------------------------------------------
+
+def check_args(args, world_size):
+    if args.n_gen < world_size:
+        raise common.UserError(f'--n_gen {args.n_gen} is fewer than the {world_size} processes: every '
+                               f'process owns at least one generator; use --n_gen {world_size} or more')
+    if not 0 < args.trunc < 1:
+        raise common.UserError(f'--trunc {args.trunc} must lie strictly between 0 and 1 (e.g. 0.99)')
+    if args.beta_decay < 0 or args.beta < 0 or args.gen_batch < 0 or args.width < 0:
+        raise common.UserError('--beta, --beta_decay, --gen_batch and --width must not be negative')
+
+
+def main():
+    args = parser.parse_args()
+    if args.n_epochs is None:
+        args.n_epochs = DEFAULT_EPOCHS.get(args.dataset, 20)
+    if not args.width:
+        args.width = 128 if args.dataset in common.TOY_SETS else 64
+    check_args(args, int(os.environ.get('WORLD_SIZE', 1)))
+    run = common.Run(args, 'pmgan')
+    data = run.load_data()
+    batches = run.batches(data)
+    K, W = args.n_gen, run.world_size
+    owned = list(range(run.rank, K, W))                   # this rank's generators: k mod W == r
+    m = args.gen_batch or max(1, args.batch_size // K)    # fake samples per generator per step
+    labels = torch.tensor(owned, device=run.device)       # generator k's class for C is k
+
+    # All K generators are initialised from --seed (as in a single process); this rank keeps its
+    # share as one ensemble module: member i is generator owned[i].
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        everyone = split_members(build_generators(args, data, K).state_dict(), K)
+    generators_raw = build_generators(args, data, len(owned))
+    generators_raw.load_state_dict(join_members([everyone[k] for k in owned]))
+    generators_raw = generators_raw.to(run.device)
+    generators = torch.compile(generators_raw) if args.compile else generators_raw
+    dc_raw = build_dc(args, data)
+    dc = run.prepare(dc_raw)                               # D and C: data-parallel under torchrun
+    evaluator = common.Evaluator(data, args, run.device)
+    opt_G = torch.optim.Adam(generators_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
+    opt_DC = torch.optim.Adam(dc_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
+    g_ckpt = PerGenerator(generators_raw, owned, K, run.ddp)
+    opt_ckpt = PerGenerator(opt_G, owned, K, run.ddp)
+    slots = Slots(beta=torch.zeros(K), JD=torch.zeros(K), JC=torch.zeros(K))
+    fixed = torch.Generator().manual_seed(args.seed)
+    n_fixed = max(50, 2500 // K) if data.is_2d else 10
+    fixed_z = torch.randn(K, n_fixed, args.latent_dim, generator=fixed)[owned].to(run.device)
+    start = run.resume(generators=g_ckpt, opt_G=opt_ckpt, dc=dc_raw, opt_DC=opt_DC, balance=slots)
+    if run.is_main:
+        print(f'pmgan: K={K} generators, {m} fake samples each per step; '
+              + '; '.join(f'rank {r}: generators {list(range(r, K, W))}' for r in range(W)), flush=True)
+
+    def sample_fn(n):   # the uniform mixture of all K generators, for the quality metrics
+        per_gen = -(-n // K)
+        with common.sampling(generators_raw):
+            chunks = [generators_raw(torch.randn(len(owned), m, args.latent_dim, device=run.device))
+                      for _ in range(-(-per_gen // m))]
+        mine = torch.cat(chunks, 1)[:, :per_gen]
+        return gather_generators(mine, run, K).transpose(0, 1).flatten(0, 1)[:n]
+
+    metrics = {}
+    for it in range(start, run.n_iters):
+        real, _ = batches.get(it)
+        B = len(real)
+        z = torch.randn(len(owned), m, args.latent_dim, device=run.device)
+        with run.autocast():
+            fakes = generators(z)                                          # (K_r, m, ...)
+
+        # ---- D and C: all of this rank's fakes in one call ------------------------------------
+        # Each rank weights its generators' terms by W / K, so DDP's mean over ranks gives
+        # exactly (1/K) sum_k over all K generators, whether or not W divides K.
+        with run.autocast():
+            fake_in = fakes.detach().flatten(0, 1).to(real.dtype)
+            if data.is_2d:   # MLP nets, no batch norm: real and fake together, one call
+                d_out, c_out = dc(torch.cat([real, fake_in]))
+            else:            # batch norm in D: all-real and all-fake batches (Radford et al.), the
+                (d_r, c_r), (d_f, c_f) = dc(real), dc(fake_in)   # fake one as the G step sees it
+                d_out, c_out = torch.cat([d_r, d_f]), torch.cat([c_r, c_f])
+        d_real, d_fake, c_fake = d_out[:B], d_out[B:].view(-1, m), c_out[B:].view(-1, m, K)
+        bce_real = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+        bce_fake = F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake), reduction='none').mean(1)
+        ce_fake = F.cross_entropy(c_fake.flatten(0, 1), labels.repeat_interleave(m), reduction='none')
+        ce_fake = ce_fake.view(-1, m).mean(1)                              # (K_r,)
+        loss_D = bce_real + bce_fake.sum() * W / K
+        loss_C = ce_fake.sum() * W / K
+        run.step(loss_D + loss_C, opt_DC)
+
+        # ---- balance term from this batch (eq. 3-4), all-gathered: the same beta on every rank --
+        with torch.no_grad():
+            log_d_real = run.all_reduce_mean(-bce_real.detach())          # E log D(x), whole batch
+            stats = gather_generators(torch.stack([-bce_fake, -ce_fake], 1).detach(), run, K)
+            JD, JC = log_d_real + stats[:, 0], stats[:, 1]                 # J^D_k, J^C_k  (K,)
+            if args.beta_mode == 'balance':
+                beta = balance_beta(JD, JC, args.diversity)
+            else:
+                beta = torch.full((K,), args.beta, device=run.device)
+            beta = beta * math.exp(-args.beta_decay * it)
+
+        # ---- generators: reverse-KL term (truncated) + beta_k * classifier term ------------------
+        with frozen(dc_raw), run.autocast():
+            d_g, c_g = dc_raw(fakes.flatten(0, 1))
+        loss_G = generator_loss(d_g.view(-1, m), c_g.view(-1, m, K), beta[owned], labels, args.trunc)[0]
+        run.step(loss_G.sum(), opt_G)   # the sum: each generator gets only its own gradient
+
+        slots.values = dict(beta=beta, JD=JD, JC=JC)
+        metrics = evaluator.due(it, run.n_iters, sample_fn)
+        if metrics or run.due(it, args.log_interval):
+            run.log(it, {'D': run.all_reduce_mean(loss_D.detach()), 'C': run.all_reduce_mean(loss_C.detach()),
+                         'G': gather_generators(loss_G.detach(), run, K)},   # all ranks: the global losses
+                    dict(beta=beta, JD=JD, JC=JC, **metrics))
+        if run.due(it, args.sample_interval):
+            with common.sampling(generators_raw):
+                grid = gather_generators(generators_raw(fixed_z), run, K)   # one row / colour each
+            run.save_samples(it, grid, data)
+        if run.due(it, args.ckpt_interval):
+            g_ckpt.collect()
+            opt_ckpt.collect()
+            run.save_checkpoint(it, generators=g_ckpt, opt_G=opt_ckpt, dc=dc_raw, opt_DC=opt_DC, balance=slots)
+    run.finish(run.n_iters - 1, metrics)
+
+
+if __name__ == '__main__':
+    common.run_main(main)
