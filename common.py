@@ -686,7 +686,9 @@ class Run:
         os.replace(tmp, self.ckpt_path)  # a kill before this line leaves the old checkpoint whole
 
     def resume(self, **objects):
-        """Load the checkpoint named by --resume into `objects`; returns the first iteration to run."""
+        """Load the checkpoint named by --resume into `objects`; returns the first iteration to run.
+        Called just before the training loop, it also starts the it/s clock."""
+        self.tick = time.time()
         if not self.args.resume:
             return 0
         try:
