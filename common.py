@@ -588,6 +588,12 @@ class Run:
         self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp and not bf16)
 
+        if args.fid_every:  # refuse before a run folder is made, not after
+            import fid
+            try:
+                fid.resolve_weights(args.fid_weights)
+            except fid.FIDError as e:
+                raise UserError(str(e).replace('--weights', '--fid_weights'))
         if args.resume:
             folder = last_run_folder(script, args.dataset) if args.resume == 'last' else args.resume
             if not os.path.exists(os.path.join(folder, 'ckpt.pt')):
