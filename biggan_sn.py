@@ -32,7 +32,7 @@ import common
 
 parser = common.base_parser(__doc__)
 parser.add_argument('--arch', choices=('biggan', 'sndcgan'), default='biggan', help='network family')
-parser.add_argument('--ch', type=common.positive_int, default=8, help='width: BigGAN ch, or SN-DCGAN ngf = ndf')
+parser.add_argument('--ch', type=common.positive_int, default=None, help='width: BigGAN ch (default 8), or SN-DCGAN ngf = ndf (default 16)')
 parser.add_argument('--attn_res', type=int, default=16, help='biggan: resolution of the self-attention block (0 = none)')
 parser.add_argument('--shared_dim', type=common.positive_int, default=128, help='biggan: size of the shared class embedding')
 parser.add_argument('--loss', choices=('hinge', 'bce'), default=None, help='GAN loss (default: hinge for biggan, bce for sndcgan)')
@@ -45,8 +45,8 @@ parser.add_argument('--ema_decay', type=float, default=0.999, help='EMA decay pe
 parser.add_argument('--dropout', type=float, default=None, help='sndcgan: dropout in D (default 0.5 at 128 px, else 0)')
 parser.add_argument('--sync_bn', action='store_true', help='cross-replica (synchronised) BN in G under DDP; CUDA only')
 parser.set_defaults(lr=None, b1=None, latent_dim=120, n_iters=None, n_epochs=100, sample_interval=500, log_interval=100)
-ARCH_DEFAULTS = {'biggan': dict(lr=1e-4, lr_D=4e-4, b1=0.0, d_steps=2, loss='hinge', ortho_reg=1e-4),
-                 'sndcgan': dict(lr=2e-4, lr_D=2e-4, b1=0.5, d_steps=1, loss='bce', ortho_reg=0.0)}
+ARCH_DEFAULTS = {'biggan': dict(ch=8, lr=1e-4, lr_D=4e-4, b1=0.0, d_steps=2, loss='hinge', ortho_reg=1e-4),
+                 'sndcgan': dict(ch=16, lr=2e-4, lr_D=2e-4, b1=0.5, d_steps=1, loss='bce', ortho_reg=0.0)}
 TRUNCATION_SHEET = (0.25, 0.5, 0.75, 1.0)
 
 # BigGAN-PyTorch's layouts, in multiples of --ch. G: width of the 4x4 input, then each up-block's
@@ -286,8 +286,14 @@ def sample_z(n, latent_dim, psi, device, u=None):
     return torch.special.ndtri(low + u.double() * (1 - 2 * low)).float().clamp_(-psi, psi)
 
 
-def check_args(args):
-    """Impossible flag values, before a run folder is made."""
+def complete_args(args):
+    """Fill the per-arch defaults (ARCH_DEFAULTS) left as None, then reject impossible flag values,
+    before a run folder is made."""
+    for name, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.dropout is None:
+        args.dropout = 0.5 if args.arch == 'sndcgan' and args.img_size >= 128 else 0.0
     if args.arch == 'biggan':
         if args.img_size not in G_ARCH:
             raise common.UserError(f'--img_size {args.img_size}: --arch biggan has architectures for 32, 64 and 128 px; '
@@ -303,6 +309,7 @@ def check_args(args):
         common.check_image_size(args.img_size, smallest=32, largest=128)
     if args.truncation < 0 or not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1:
         raise common.UserError('--truncation must be >= 0, --dropout and --ema_decay in [0, 1)')
+    return args
 
 
 def build_nets(args, channels, n_classes):
@@ -315,13 +322,7 @@ def build_nets(args, channels, n_classes):
 
 
 def main():
-    args = parser.parse_args()
-    for name, value in ARCH_DEFAULTS[args.arch].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.dropout is None:
-        args.dropout = 0.5 if args.arch == 'sndcgan' and args.img_size >= 128 else 0.0
-    check_args(args)
+    args = complete_args(parser.parse_args())
     run = common.Run(args, 'biggan_sn')
     if args.sync_bn and run.device.type != 'cuda':
         raise common.UserError('--sync_bn needs CUDA: torch\'s SyncBatchNorm rejects CPU modules; '

@@ -25,7 +25,7 @@ RESULTS = os.path.join(REPO, 'bench', 'results')
 # biggan ch 8: G 138k / D 68k parameters; SN-DCGAN and DCGAN at width 16: G 164k / D 42k
 RUNS = {
     'biggan': ['biggan_sn.py'],
-    'sndcgan': ['biggan_sn.py', '--arch', 'sndcgan', '--ch', '16'],
+    'sndcgan': ['biggan_sn.py', '--arch', 'sndcgan'],  # default --ch 16
     'dcgan': ['bench/biggan_dcgan_baseline.py', '--ngf', '16'],
 }
 

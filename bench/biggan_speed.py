@@ -28,7 +28,7 @@ CONFIGS = {
     'biggan --amp': ['--amp'],
     'biggan --d_steps 1': ['--d_steps', '1'],
     'biggan --amp --d_steps 1': ['--amp', '--d_steps', '1'],
-    'sndcgan (d_steps 1)': ['--arch', 'sndcgan'],
+    'sndcgan (defaults: ch 16, d_steps 1)': ['--arch', 'sndcgan'],
 }
 
 

@@ -29,9 +29,8 @@ def train(monkeypatch, out_dir, data_root, *extra):
 
 
 def nets_from_checkpoint(out_dir, arch='biggan', img_size=32, n_classes=10):
-    args = bg.parser.parse_args([str(a) for a in ['--arch', arch, '--img_size', img_size, '--ch', 2, '--latent_dim',
-                                                  16, '--shared_dim', 8]])
-    args.dropout = args.dropout or 0.0
+    args = bg.complete_args(bg.parser.parse_args([str(a) for a in ['--arch', arch, '--img_size', img_size, '--ch', 2,
+                                                                   '--latent_dim', 16, '--shared_dim', 8]]))
     G, D = bg.build_nets(args, 1, n_classes)
     state = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
     G.load_state_dict(state['G'])
@@ -324,13 +323,8 @@ def test_torchrun_two_ranks_end_identical(tmp_path, data_root):
     (['--truncation', -1], ['--truncation']),
 ])
 def test_impossible_flags(flags, words):
-    args = bg.parser.parse_args([str(f) for f in flags])
     with pytest.raises(common.UserError) as e:
-        bg.main.__globals__['parser'] = bg.parser
-        for name, value in bg.ARCH_DEFAULTS[args.arch].items():
-            setattr(args, name, getattr(args, name) if getattr(args, name) is not None else value)
-        args.dropout = args.dropout or 0.0
-        bg.check_args(args)
+        bg.complete_args(bg.parser.parse_args([str(f) for f in flags]))
     for w in words:
         assert w in str(e.value)
 
