@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py ring8     # K=8 balance / const / K=1, 5 seeds
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py grid25    # K=1 / 8 / 25 (+ const), 3 seeds
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked   # stacked-digits, K = 1, 4, 8 (reduced)
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_gb   # K = 4, 8 with 128 fakes per generator
 
 Each run is the plain command line printed before it (run folders under bench/work/pmgan/; a
 finished run is reused). Writes bench/results/pmgan_modes_<experiment>.md (table: mean and
@@ -38,6 +39,8 @@ EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
                           ('K25_const', ['--dataset', 'grid25', '--n_gen', '25', '--beta_mode', 'const'])]),
     'stacked': (range(2), [('K1', STACKED + ['--n_gen', '1']), ('K4', STACKED + ['--n_gen', '4']),
                            ('K8', STACKED + ['--n_gen', '8'])]),
+    'stacked_gb': (range(1), [('K4_gen_batch128', STACKED + ['--n_gen', '4', '--gen_batch', '128']),
+                              ('K8_gen_batch128', STACKED + ['--n_gen', '8', '--gen_batch', '128'])]),
 }
 
 
@@ -100,7 +103,7 @@ def main():
     for (setting, flags, seed), summary in zip(todo, results):
         by_setting.setdefault(setting, []).append(summary)
 
-    keys = ['modes_covered', 'hq_fraction', 'kl_uniform'] if experiment != 'stacked' else ['modes_covered', 'kl_uniform']
+    keys = ['modes_covered', 'hq_fraction', 'kl_uniform'] if not experiment.startswith('stacked') else ['modes_covered', 'kl_uniform']
     lines = [f'| setting ({len(seeds)} seeds) | ' + ' | '.join(f'{k} mean +- sd' for k in keys)
              + ' | modes per seed | wall s per run |', '|---' * (len(keys) + 3) + '|']
     for setting, flags in settings:
@@ -113,7 +116,7 @@ def main():
         per_seed = ', '.join(str(r['modes_covered']) for r in rows)
         wall = statistics.mean(r['wall_seconds'] for r in rows)
         lines.append(f'| {setting}: `{" ".join(flags)}` | ' + ' | '.join(cells) + f' | {per_seed} | {wall:.0f} |')
-    figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if experiment != 'stacked' else []
+    figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if not experiment.startswith('stacked') else []
     text = '\n'.join([f'Command: `OMP_NUM_THREADS=1 python bench/pmgan_modes.py {experiment}` '
                       f'(2-core CPU, shared); each run: `python pmgan.py <flags> --seed S {" ".join(LOG)}`', '']
                      + lines + [''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in figures])
