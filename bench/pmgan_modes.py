@@ -73,7 +73,8 @@ def scatter(experiment, setting, seeds):
         data = common.load_data(ns.dataset)
         K = ns.n_gen
         gens = pmgan.build_generators(ns, data, K)
-        gens.load_state_dict(pmgan.join_members(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['generators']))
+        states = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['generators']
+        gens.load_state_dict(pmgan.join_members(states))
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(1)
             pts = gens(torch.randn(K, -(-2500 // K), ns.latent_dim))
@@ -103,7 +104,8 @@ def main():
     for (setting, flags, seed), summary in zip(todo, results):
         by_setting.setdefault(setting, []).append(summary)
 
-    keys = ['modes_covered', 'hq_fraction', 'kl_uniform'] if not experiment.startswith('stacked') else ['modes_covered', 'kl_uniform']
+    two_d = not experiment.startswith('stacked')
+    keys = ['modes_covered', 'hq_fraction', 'kl_uniform'] if two_d else ['modes_covered', 'kl_uniform']
     lines = [f'| setting ({len(seeds)} seeds) | ' + ' | '.join(f'{k} mean +- sd' for k in keys)
              + ' | modes per seed | wall s per run |', '|---' * (len(keys) + 3) + '|']
     for setting, flags in settings:
@@ -116,7 +118,7 @@ def main():
         per_seed = ', '.join(str(r['modes_covered']) for r in rows)
         wall = statistics.mean(r['wall_seconds'] for r in rows)
         lines.append(f'| {setting}: `{" ".join(flags)}` | ' + ' | '.join(cells) + f' | {per_seed} | {wall:.0f} |')
-    figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if not experiment.startswith('stacked') else []
+    figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if two_d else []
     text = '\n'.join([f'Command: `OMP_NUM_THREADS=1 python bench/pmgan_modes.py {experiment}` '
                       f'(2-core CPU, shared); each run: `python pmgan.py <flags> --seed S {" ".join(LOG)}`', '']
                      + lines + [''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in figures])

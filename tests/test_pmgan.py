@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 from conftest import assert_one_line_error, load_script, run_main, run_script, run_torchrun_dumping_ranks
