@@ -31,20 +31,24 @@ from torch.nn.utils.parametrizations import spectral_norm
 import common
 
 parser = common.base_parser(__doc__)
-parser.add_argument('--arch', choices=('biggan', 'sndcgan'), default='biggan', help='network family')
-parser.add_argument('--ch', type=common.positive_int, default=None, help='width: BigGAN ch (default 8), or SN-DCGAN ngf = ndf (default 16)')
-parser.add_argument('--attn_res', type=int, default=16, help='biggan: resolution of the self-attention block (0 = none)')
-parser.add_argument('--shared_dim', type=common.positive_int, default=128, help='biggan: size of the shared class embedding')
-parser.add_argument('--loss', choices=('hinge', 'bce'), default=None, help='GAN loss (default: hinge for biggan, bce for sndcgan)')
-parser.add_argument('--lr_D', type=float, default=None, help='D learning rate; --lr is G\'s (default: TTUR 4e-4 / 1e-4 for biggan, 2e-4 / 2e-4 for sndcgan)')
-parser.add_argument('--d_steps', type=common.positive_int, default=None, help='D steps per G step (default: 2 for biggan, 1 for sndcgan)')
-parser.add_argument('--ortho_reg', type=float, default=None, help='beta of the orthogonal regularisation of G (default: 1e-4 for biggan, 0 for sndcgan)')
-parser.add_argument('--truncation', type=float, default=0.0, help='psi: sample z from N(0, I) truncated to [-psi, psi] (0 = off)')
-parser.add_argument('--ema', action='store_true', help='keep an EMA of G\'s weights for samples and metrics')
-parser.add_argument('--ema_decay', type=float, default=0.999, help='EMA decay per G step')
-parser.add_argument('--dropout', type=float, default=None, help='sndcgan: dropout in D (default 0.5 at 128 px, else 0)')
-parser.add_argument('--sync_bn', action='store_true', help='cross-replica (synchronised) BN in G under DDP; CUDA only')
-parser.set_defaults(lr=None, b1=None, latent_dim=120, n_iters=None, n_epochs=100, sample_interval=500, log_interval=100)
+a = parser.add_argument
+a('--arch', choices=('biggan', 'sndcgan'), default='biggan', help='network family')
+a('--ch', type=common.positive_int, default=None, help='width: BigGAN ch (default 8), SN-DCGAN ngf = ndf (16)')
+a('--attn_res', type=int, default=16, help='biggan: resolution of the self-attention block (0 = none)')
+a('--shared_dim', type=common.positive_int, default=128, help='biggan: size of the shared class embedding')
+a('--loss', choices=('hinge', 'bce'), default=None, help='GAN loss (default: hinge for biggan, bce for sndcgan)')
+a('--lr_D', type=float, default=None, help="D's learning rate; --lr is G's (default: TTUR 4e-4 and 1e-4 for "
+  'biggan, 2e-4 and 2e-4 for sndcgan)')
+a('--d_steps', type=common.positive_int, default=None, help='D steps per G step (default: 2 biggan, 1 sndcgan)')
+a('--ortho_reg', type=float, default=None, help='beta of the orthogonal regularisation of G (default: 1e-4 '
+  'biggan, 0 sndcgan)')
+a('--truncation', type=float, default=0.0, help='psi: sample z from N(0, I) truncated to [-psi, psi] (0 = off)')
+a('--ema', action='store_true', help="keep an EMA of G's weights for samples and metrics")
+a('--ema_decay', type=float, default=0.999, help='EMA decay per G step')
+a('--dropout', type=float, default=None, help='sndcgan: dropout in D (default 0.5 at 128 px, else 0)')
+a('--sync_bn', action='store_true', help='cross-replica (synchronised) BN in G under DDP; CUDA only')
+parser.set_defaults(lr=None, b1=None, latent_dim=120, n_epochs=143,  # digits: 2,002 iterations
+                    sample_interval=500, log_interval=100)
 ARCH_DEFAULTS = {'biggan': dict(ch=8, lr=1e-4, lr_D=4e-4, b1=0.0, d_steps=2, loss='hinge', ortho_reg=1e-4),
                  'sndcgan': dict(ch=16, lr=2e-4, lr_D=2e-4, b1=0.5, d_steps=1, loss='bce', ortho_reg=0.0)}
 TRUNCATION_SHEET = (0.25, 0.5, 0.75, 1.0)
@@ -203,7 +207,8 @@ class SNDCGANGenerator(nn.Module):
         width, size = ngf * img_size // 8, 4
         layers = [nn.ConvTranspose2d(latent_dim, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         while size * 2 < img_size:
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2),
+                       nn.ReLU()]
             width, size = width // 2, size * 2
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = common.dcgan_init_(nn.Sequential(*layers))
@@ -296,8 +301,8 @@ def complete_args(args):
         args.dropout = 0.5 if args.arch == 'sndcgan' and args.img_size >= 128 else 0.0
     if args.arch == 'biggan':
         if args.img_size not in G_ARCH:
-            raise common.UserError(f'--img_size {args.img_size}: --arch biggan has architectures for 32, 64 and 128 px; '
-                                   f'pick one of those (or --arch sndcgan)')
+            raise common.UserError(f'--img_size {args.img_size}: --arch biggan has architectures for 32, 64 and '
+                                   f'128 px; pick one of those (or --arch sndcgan)')
         sizes = [8 * 2 ** i for i in range(len(G_ARCH[args.img_size][1]))]
         if args.attn_res and args.attn_res not in sizes:
             raise common.UserError(f'--attn_res {args.attn_res}: at {args.img_size} px G has blocks at '

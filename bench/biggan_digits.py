@@ -79,7 +79,8 @@ def main():
     samples = lambda name: os.path.join(WORK, name, 'samples')
     shutil.copy(os.path.join(samples('biggan'), f'iter_{args.n_iters:06d}.png'),
                 os.path.join(RESULTS, 'biggan_digits_samples.png'))
-    shutil.copy(os.path.join(samples('biggan'), 'truncation.png'), os.path.join(RESULTS, 'biggan_digits_truncation.png'))
+    shutil.copy(os.path.join(samples('biggan'), 'truncation.png'),
+                os.path.join(RESULTS, 'biggan_digits_truncation.png'))
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     for ax, name in zip(axes, ('sndcgan', 'dcgan')):
         ax.imshow(plt.imread(os.path.join(samples(name), f'iter_{args.n_iters:06d}.png')))

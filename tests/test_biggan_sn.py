@@ -140,6 +140,11 @@ def test_hierarchical_z_chunks_reach_every_block(size):
     shared = G.shared(y)
     for i in range(len(G.blocks)):
         assert torch.equal(seen[i], torch.cat([shared, z[:, ends[i + 1]:ends[i + 2]]], 1))
+    z.requires_grad_(True)
+    G(z, y).square().sum().backward()  # every chunk, and the class embedding, gets a gradient
+    for a, b in zip(ends[:-1], ends[1:]):
+        assert z.grad[:, a:b].abs().sum() > 0
+    assert G.shared.weight.grad[y].abs().sum(1).min() > 0
     # unconditional: the chunk alone is the condition
     G = bg.BigGANGenerator(size, 3, latent, 2, 0, 8, attn_res=0)
     assert G.shared is None and G.blocks[0].bn1.gain.in_features == G.chunks[1]
@@ -277,7 +282,8 @@ def test_sndcgan_run_with_amp(tmp_path, data_root, monkeypatch):
     assert summary['iterations'] == 2 and math.isfinite(summary['final_D']) and math.isfinite(summary['final_G'])
     assert 'class_accuracy' not in summary and summary['fd_digits'] > 0  # sndcgan is unconditional
     state = torch.load(tmp_path / 'r' / 'ckpt.pt', weights_only=False)
-    assert state['opt_G']['param_groups'][0]['lr'] == 2e-4 and state['opt_D']['param_groups'][0]['betas'] == (0.5, 0.999)
+    assert state['opt_G']['param_groups'][0]['lr'] == 2e-4
+    assert state['opt_D']['param_groups'][0]['betas'] == (0.5, 0.999)
 
 
 def test_biggan_amp_run(tmp_path, data_root, monkeypatch):
