@@ -88,6 +88,14 @@ def load_weights(model, path):
     return model
 
 
+def check_weights(path):
+    """Fail now, with load_weights' one-line FIDError, if `path` is not a
+    loadable FID Inception weights file (training scripts call this before
+    they make a run folder)."""
+    load_weights(FIDInception(), path)
+    return path
+
+
 def random_weights(seed=0):
     """A state dict with the weight file's keys and random values that keep
     activations O(1) through the network (He-scaled convs, perturbed BN):
@@ -366,14 +374,17 @@ def _exact_fp32(device):
         with torch.autocast(device.type, enabled=False):
             yield
         return
-    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, mm.fp32_precision
-    conv.fp32_precision = mm.fp32_precision = 'ieee'
+    # The allow_tf32 flags (torch >= 2.4; newer torch maps them onto its
+    # fp32_precision settings). common.py sets TF32 through the same flags:
+    # mixing them with the fp32_precision API makes torch raise.
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = cuda.allow_tf32, cudnn.allow_tf32
+    cuda.allow_tf32 = cudnn.allow_tf32 = False
     try:
         with torch.autocast('cuda', enabled=False):
             yield
     finally:
-        conv.fp32_precision, mm.fp32_precision = saved
+        cuda.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def load_inception(weights=None, device='cpu', dims=2048, fast=True):
@@ -545,19 +556,22 @@ def extract_generator(sample_fn, n_samples, model, batch_size=50,
                       features=False, logits=False):
     """dict(mu, sigma[, features][, logits]) of n_samples images drawn as
     sample_fn(n) -> (n, C, H, W) in [-1, 1] on any device, under no_grad.
-    Under torch.distributed each rank draws its share and every rank gets
-    the same result."""
+    Under torch.distributed each rank keeps its share of the draws and every
+    rank gets the same result; every rank calls sample_fn with the same sizes
+    (ceil(n / world) in all), so sample_fn may itself be a collective."""
     rank, world = _dist()
-    todo = n_samples // world + (rank < n_samples % world)
-    ex = _Extractor(model, features, logits)
+    keep = n_samples // world + (rank < n_samples % world)   # this rank's share
+    todo = -(-n_samples // world)   # every rank makes the same calls of the same
+    ex = _Extractor(model, features, logits)   # sizes (sample_fn may be a collective)
     with torch.no_grad():
         while todo > 0:
             b = min(batch_size, todo)
             x = sample_fn(b)
             if x.shape[0] != b:
                 raise FIDError(f'sample_fn({b}) returned {x.shape[0]} images')
-            ex.add(x.detach())
-            todo -= b
+            if keep > 0:
+                ex.add(x[:keep].detach())
+            keep, todo = keep - b, todo - b
     return ex.result()
 
 
@@ -871,6 +885,10 @@ def _cli(args):
         raise FIDError(f'--device {args.device}: expected cpu, cuda or cuda:N') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise FIDError(f'--device {args.device}: CUDA is not available here')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise FIDError(f'--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)')
+    if args.num_workers is not None and args.num_workers < 0:
+        raise FIDError('--num-workers must be 0 or more')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
         if device.type == 'cuda':          # torchrun: one GPU per rank
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))

@@ -127,6 +127,22 @@ def test_model_keys_dims_and_eval(models):
     assert f.shape == (2, 64) and logits.shape == (2, 1008)
 
 
+def test_exact_fp32_turns_tf32_and_autocast_off_and_restores(monkeypatch):
+    """On CUDA the network runs in true fp32: TF32 off (through the same allow_tf32 flags that
+    common.py sets, since mixing them with torch's fp32_precision API raises) and autocast off;
+    the caller's settings come back afterwards. The flags are global, so this runs on a CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    monkeypatch.setattr(matmul, 'allow_tf32', True)
+    monkeypatch.setattr(cudnn, 'allow_tf32', True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with fid._exact_fp32(torch.device('cuda')):
+            assert not matmul.allow_tf32 and not cudnn.allow_tf32
+            assert not torch.is_autocast_enabled('cuda')
+        with fid._exact_fp32(torch.device('cpu')):
+            assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
+    assert matmul.allow_tf32 and cudnn.allow_tf32
+
+
 def test_fused_equals_unfused(models, weights):
     plain = fid.load_inception(weights, dims=192, fast=False)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
@@ -349,8 +365,25 @@ def bad_inputs(tmp, folders):
         'missing path': ([tmp / 'nope', folders[0]], 'no such folder'),
         'corrupt weights': ([folders[0], folders[1], '--weights', tmp / 'corrupt.pth'],
                             'delete it and fetch it again'),
+        'negative workers': ([folders[0], folders[1], '--num-workers', -1], '--num-workers must be 0'),
         'weights offline': ([folders[0], folders[1]], 'put it at'),
     }
+
+
+def test_weights_resolution_order(weights, tmp_path, monkeypatch):
+    """--weights, then $FID_WEIGHTS, then the torch hub cache file (the download comes last)."""
+    env_file, flag_file = tmp_path / 'env.pth', tmp_path / 'flag.pth'
+    env_file.write_bytes(b'x')
+    flag_file.write_bytes(b'x')
+    assert fid.resolve_weights() == weights                       # the hub cache
+    monkeypatch.setenv('FID_WEIGHTS', str(env_file))
+    assert fid.resolve_weights() == str(env_file)                 # $FID_WEIGHTS wins over the cache
+    assert fid.resolve_weights(str(flag_file)) == str(flag_file)  # --weights wins over both
+    monkeypatch.setenv('FID_WEIGHTS', str(tmp_path / 'gone.pth'))
+    with pytest.raises(fid.FIDError, match=r'\$FID_WEIGHTS file not found'):
+        fid.resolve_weights()
+    with pytest.raises(fid.FIDError, match='corrupt'):
+        fid.check_weights(str(env_file))
 
 
 def test_cli_errors_one_line(weights, folders, tmp_path, capsys, monkeypatch):
@@ -388,9 +421,14 @@ fid.main([a, b, '--dims', '64', '--kid', '--batch-size', '2'])   # rank 0 prints
 model = fid.load_inception(dims=64)
 res = fid.extract_folder(a, model, batch_size=2, features=True)
 x = torch.linspace(-1, 1, 7 * 3 * 20 * 20).reshape(7, 3, 20, 20).sin()
-shard = iter(x[dist.get_rank()::2])
-gen = fid.statistics_from_generator(lambda n: torch.stack([next(shard) for _ in range(n)]),
-                                    7, model, batch_size=2)
+shard, sizes = iter(list(x[dist.get_rank()::2]) + [x[0]]), []   # rank 1's extra draw is dropped
+def sample_fn(n):
+    sizes.append(n)
+    return torch.stack([next(shard) for _ in range(n)])
+gen = fid.statistics_from_generator(sample_fn, 7, model, batch_size=3)
+all_sizes = [None, None]
+dist.all_gather_object(all_sizes, sizes)
+assert all_sizes == [[3, 1], [3, 1]], all_sizes   # same calls on every rank (a collective is safe)
 img = fid.statistics_from_images(x, model, batch_size=3)
 if dist.get_rank() == 0:
     np.savez(out, mu=res['mu'], sigma=res['sigma'], feats=res['features'],
