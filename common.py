@@ -54,6 +54,21 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
+def fid_sample_count(text):
+    value = int(text)
+    if value < 10:
+        raise argparse.ArgumentTypeError(f'must be at least 10 (the Inception Score uses 10 splits; '
+                                         f'FID wants 10,000), got {value}')
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error instead of the full usage block."""
 
@@ -97,12 +112,13 @@ class Data:
         """Shape of one sample: (C, H, W) or (2,)."""
         return tuple(self.x.shape[1:])
 
-    def batch(self, index):
-        """Samples at `index` as float in [-1, 1] (images) and their labels (or None)."""
+    def batch(self, index, augment=True):
+        """Samples at `index` as float in [-1, 1] (images) and their labels (or None); random
+        horizontal flips with --flip unless augment=False (reference statistics)."""
         x = self.x[index]
         if x.dtype == torch.uint8:
             x = x.float().div_(127.5).sub_(1.0)
-            if self.flip:
+            if self.flip and augment:
                 flip = torch.rand(len(x), device=x.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x, (None if self.y is None else self.y[index])
@@ -462,7 +478,7 @@ def base_parser(description, dataset='digits'):
     a = p.add_argument
     a('--dataset', default=dataset, choices=DATASETS, help='data set (DESIGN section 3)')
     a('--data_root', default='./data', help='where torchvision data sets, folders and caches live')
-    a('--subset', type=int, default=0, help='use only the first N images (0 = all)')
+    a('--subset', type=non_negative_int, default=0, help='use only the first N images (0 = all)')
     a('--img_size', type=int, default=32, help='image size (a power of two for conv nets)')
     a('--channels', type=int, choices=(1, 3), default=None, help='image channels (default: the data set\'s)')
     a('--batch_size', type=positive_int, default=64, help='batch size per process')
@@ -472,21 +488,23 @@ def base_parser(description, dataset='digits'):
     a('--latent_dim', type=positive_int, default=100, help='size of z')
     a('--n_epochs', type=positive_int, default=20, help='training length in epochs')
     a('--n_iters', type=positive_int, default=None, help='training length in iterations (wins over --n_epochs)')
-    a('--sample_interval', type=int, default=500, help='iterations between sample grids (0 = end only)')
+    a('--sample_interval', type=non_negative_int, default=500,
+      help='iterations between sample grids (0 = end only)')
     a('--log_interval', type=positive_int, default=100, help='iterations between log lines')
-    a('--eval_interval', type=int, default=0, help='iterations between quality metrics (0 = end only)')
-    a('--eval_samples', type=int, default=0, help='samples for metrics (0 = 2,500 for 2-D, 2,000 for '
+    a('--eval_interval', type=non_negative_int, default=0,
+      help='iterations between quality metrics (0 = end only)')
+    a('--eval_samples', type=non_negative_int, default=0, help='samples for metrics (0 = 2,500 for 2-D, 2,000 for '
       'fd_digits, 26,000 for stacked modes)')
     a('--out_dir', default=None, help='run folder (default runs/<script>/<dataset>-NNN, never reused)')
     a('--resume', default=None, help='a run folder, or "last": continue from its checkpoint')
-    a('--ckpt_interval', type=int, default=1000, help='iterations between checkpoints (0 = end only)')
+    a('--ckpt_interval', type=non_negative_int, default=1000, help='iterations between checkpoints (0 = end only)')
     a('--seed', type=int, default=0, help='random seed')
     a('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     a('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16 + GradScaler)')
     a('--compile', action='store_true', help='torch.compile the networks')
     a('--ddp', action='store_true', help='force DDP (automatic under torchrun)')
-    a('--fid_every', type=int, default=0, help='iterations between FIDs via fid.py (0 = off)')
-    a('--fid_samples', type=int, default=10000, help='generated samples per FID')
+    a('--fid_every', type=non_negative_int, default=0, help='iterations between FIDs via fid.py (0 = off)')
+    a('--fid_samples', type=fid_sample_count, default=10000, help='generated samples per FID')
     a('--fid_weights', default=None, help='FID Inception weights (default: $FID_WEIGHTS or the torch hub cache)')
     return p
 
@@ -591,7 +609,7 @@ class Run:
         if args.fid_every:  # refuse before a run folder is made, not after
             import fid
             try:
-                fid.resolve_weights(args.fid_weights)
+                fid.check_weights(fid.resolve_weights(args.fid_weights))  # present and loadable
             except fid.FIDError as e:
                 raise UserError(str(e).replace('--weights', '--fid_weights'))
         if args.resume:
@@ -1006,7 +1024,8 @@ class Evaluator:
             self.classifier = digit_classifier(base, args.data_root, device)
         if data.name == 'digits':
             with torch.no_grad():
-                self.real_stats = feature_statistics(self.classifier.features(self.grey(data.batch(slice(None))[0])))
+                real = data.batch(slice(None), augment=False)[0]
+                self.real_stats = feature_statistics(self.classifier.features(self.grey(real)))
 
     @staticmethod
     def grey(images):
@@ -1018,29 +1037,34 @@ class Evaluator:
         return 2500 if self.data.is_2d else 2000 if self.data.name == 'digits' else 26000
 
     def fixed_rng(self):
-        """Every evaluation draws the same noise, and the training RNG does not move."""
+        """Every evaluation draws the same noise, and the training RNG does not move. Under DDP
+        each rank draws different noise (rank 0 the same as one process), so FID's shards are
+        different samples, not copies."""
         devices = [self.device.index or 0] if self.device.type == 'cuda' else []
         stack = contextlib.ExitStack()
         stack.enter_context(torch.random.fork_rng(devices=devices))
-        torch.manual_seed(self.seed + 4242)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        torch.manual_seed(self.seed + 4242 + 7919 * rank)
         return stack
 
     def fid(self, sample_fn):
-        """{'fid': ...} every --fid_every iterations; {} when FID is off."""
+        """{'fid': ...} every --fid_every iterations; {} when FID is off. Under DDP fid.py keeps
+        each rank's draws as that rank's share: sample_fn must give each rank different samples."""
         if self.fid_tracker is None:
             return {}
         with self.fixed_rng():
             return {'fid': self.fid_tracker.score(sample_fn)}
 
-    def due(self, iteration, n_iters, sample_fn):
+    def due(self, iteration, n_iters, sample_fn, fid_sample_fn=None):
         """The metrics due after `iteration`: the offline ones every --eval_interval, FID every
-        --fid_every, both at the last iteration; {} when none is due."""
+        --fid_every (from fid_sample_fn when given, else sample_fn), both at the last iteration;
+        {} when none is due."""
         done, last = iteration + 1, iteration + 1 == n_iters
         out = {}
         if last or (self.eval_interval and done % self.eval_interval == 0):
             out.update(self.evaluate(sample_fn))
         if self.fid_tracker is not None and (last or done % self.fid_every == 0):
-            out.update(self.fid(sample_fn))
+            out.update(self.fid(fid_sample_fn or sample_fn))
         return out
 
     def evaluate(self, sample_fn):
@@ -1076,9 +1100,9 @@ def make_fid_tracker(data, args, device):
     import fid
     key = f'{data.name}{f"-first{args.subset}" if args.subset else ""}-{data.shape[-1]}px-{data.shape[0]}ch'
     try:
-        return fid.FIDTracker(data.batch(slice(None))[0], key=key, device=device, n_samples=args.fid_samples,
-                              batch_size=max(args.batch_size, 50), cache_dir=args.data_root,
-                              weights=args.fid_weights)
+        return fid.FIDTracker(data.batch(slice(None), augment=False)[0], key=key, device=device,
+                              n_samples=args.fid_samples, batch_size=max(args.batch_size, 50),
+                              cache_dir=args.data_root, weights=args.fid_weights)
     except fid.FIDError as e:  # fid.py's CLI flag is --weights; the scripts' is --fid_weights
         raise UserError(str(e).replace('--weights', '--fid_weights'))
 

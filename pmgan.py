@@ -287,6 +287,9 @@ def main():
         mine = torch.cat(chunks, 1)[:, :per_gen]
         return gather_generators(mine, run, K).transpose(0, 1).flatten(0, 1)[:n]
 
+    def fid_sample_fn(n):  # every rank holds the same gathered mixture: FID keeps this rank's slice
+        return sample_fn(n * W)[run.rank::W]
+
     metrics = {}
     for it in range(start, run.n_iters):
         real, _ = batches.get(it)
@@ -332,7 +335,7 @@ def main():
         run.step(loss_G.sum(), opt_G)   # the sum: each generator gets only its own gradient
 
         slots.values = dict(beta=beta, JD=JD, JC=JC)
-        metrics = evaluator.due(it, run.n_iters, sample_fn)
+        metrics = evaluator.due(it, run.n_iters, sample_fn, fid_sample_fn)
         if metrics or run.due(it, args.log_interval):
             run.log(it, {'D': run.all_reduce_mean(loss_D.detach()), 'C': run.all_reduce_mean(loss_C.detach()),
                          'G': gather_generators(loss_G.detach(), run, K)},   # all ranks: the global losses

@@ -69,6 +69,18 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope='session')
+def fid_torch_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds random FID Inception weights under the real file's name
+    (offline stand-in: real scores need the real weights)."""
+    import fid
+    home = tmp_path_factory.mktemp('torch_home')
+    path = home / 'hub' / 'checkpoints' / fid.WEIGHTS_FILE
+    path.parent.mkdir(parents=True)
+    torch.save(fid.random_weights(0), path)
+    return str(home)
+
+
 RANK_DUMP_DRIVER = '''
 import sys, torch, common
 sys.path.insert(0, {repo!r})
