@@ -45,6 +45,8 @@ a('--ortho_reg', type=float, default=None, help='beta of the orthogonal regulari
 a('--truncation', type=float, default=0.0, help='psi: sample z from N(0, I) truncated to [-psi, psi] (0 = off)')
 a('--ema', action='store_true', help="keep an EMA of G's weights for samples and metrics")
 a('--ema_decay', type=float, default=0.999, help='EMA decay per G step')
+a('--ema_start', type=common.non_negative_int, default=1000, help='G steps during which the EMA copies G '
+  'before it starts averaging (BigGAN\'s --ema_start; no random-init weights left in it)')
 a('--dropout', type=float, default=None, help='sndcgan: dropout in D (default 0.5 at 128 px, else 0)')
 a('--sync_bn', action='store_true', help='cross-replica (synchronised) BN in G under DDP; CUDA only')
 parser.set_defaults(lr=None, b1=None, latent_dim=120, n_epochs=143,  # digits: 2,002 iterations
@@ -314,6 +316,9 @@ def complete_args(args):
         common.check_image_size(args.img_size, smallest=32, largest=128)
     if args.truncation < 0 or not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1:
         raise common.UserError('--truncation must be >= 0, --dropout and --ema_decay in [0, 1)')
+    if args.sync_bn and common.resolve_device(args.device).type != 'cuda':
+        raise common.UserError('--sync_bn needs CUDA: torch\'s SyncBatchNorm rejects CPU modules; '
+                               'drop --sync_bn on CPU')
     return args
 
 
@@ -329,9 +334,6 @@ def build_nets(args, channels, n_classes):
 def main():
     args = complete_args(parser.parse_args())
     run = common.Run(args, 'biggan_sn')
-    if args.sync_bn and run.device.type != 'cuda':
-        raise common.UserError('--sync_bn needs CUDA: torch\'s SyncBatchNorm rejects CPU modules; '
-                               'drop --sync_bn on CPU')
     data = run.load_data()
     if data.is_2d:
         raise common.UserError(f'biggan_sn.py trains conv nets on images; {data.name} is 2-D: pick an image data set')
@@ -398,8 +400,8 @@ def main():
         ortho = orthogonal_penalty(G_raw) if args.ortho_reg else zero
         run.step(loss_G + args.ortho_reg * ortho, opt_G)
         D_raw.requires_grad_(True)
-        if G_ema is not None:
-            ema_update(G_ema, G_raw, args.ema_decay)
+        if G_ema is not None:  # a copy of G for the first --ema_start G steps, then the average
+            ema_update(G_ema, G_raw, args.ema_decay if it >= args.ema_start else 0.0)
 
         if run.due(it, args.ckpt_interval):
             run.save_checkpoint(it, **nets)

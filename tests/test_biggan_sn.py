@@ -55,7 +55,7 @@ def biggan_run(tmp_path_factory, data_root):
     out = str(tmp_path_factory.mktemp('biggan') / 'run')
     mp = pytest.MonkeyPatch()
     try:
-        summary = train(mp, out, data_root, '--n_iters', 3, '--ema', '--sample_interval', 3)
+        summary = train(mp, out, data_root, '--n_iters', 3, '--ema', '--ema_start', 1, '--sample_interval', 3)
     finally:
         mp.undo()
     return out, summary
@@ -102,6 +102,8 @@ def test_ema_update_math():
     for e, b in zip(ema.parameters(), before):  # 0.9 * e + 0.1 * (e + 1) = e + 0.1
         assert torch.allclose(e, b + 0.1, atol=1e-6)
     assert torch.equal(ema[1].running_mean, torch.full((2,), 7.0))
+    bg.ema_update(ema, model, decay=0.0)  # before --ema_start: a copy
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), model.parameters()))
 
 
 def test_truncated_z_stays_within_psi_and_has_truncated_normal_spread():
@@ -286,13 +288,21 @@ def test_sndcgan_run_with_amp(tmp_path, data_root, monkeypatch):
     assert state['opt_D']['param_groups'][0]['betas'] == (0.5, 0.999)
 
 
+def test_ema_copies_g_until_ema_start(tmp_path, data_root, monkeypatch):
+    train(monkeypatch, str(tmp_path / 'r'), data_root, '--arch', 'sndcgan', '--n_iters', 2, '--ema',
+          '--ema_start', 3)
+    state = torch.load(tmp_path / 'r' / 'ckpt.pt', weights_only=False)
+    for key, value in state['G'].items():
+        assert torch.equal(state['G_ema'][key], value), key
+
+
 def test_biggan_amp_run(tmp_path, data_root, monkeypatch):
     summary = train(monkeypatch, str(tmp_path / 'r'), data_root, '--n_iters', 2, '--amp', '--d_steps', 1)
     assert math.isfinite(summary['final_D']) and math.isfinite(summary['final_G'])
 
 
 def test_resume_equals_straight_run(tmp_path, data_root, monkeypatch):
-    flags = ['--ema', '--attn_res', 16, '--truncation', 0.5]
+    flags = ['--ema', '--ema_start', 2, '--attn_res', 16, '--truncation', 0.5]  # EMA averages from the split
     train(monkeypatch, str(tmp_path / 'straight'), data_root, '--n_iters', 4, *flags)
     train(monkeypatch, str(tmp_path / 'split'), data_root, '--n_iters', 2, *flags)
     train(monkeypatch, str(tmp_path / 'split'), data_root, '--n_iters', 4, '--resume', str(tmp_path / 'split'), *flags)
@@ -307,11 +317,12 @@ def test_resume_equals_straight_run(tmp_path, data_root, monkeypatch):
 
 
 def test_torchrun_two_ranks_end_identical(tmp_path, data_root):
-    result, ranks = run_torchrun_dumping_ranks('biggan_sn', TINY + ['--n_iters', 2, '--data_root', data_root,
+    result, ranks = run_torchrun_dumping_ranks('biggan_sn', TINY + ['--n_iters', 2, '--ema', '--ema_start', 1,
+                                                                    '--data_root', data_root,
                                                                     '--out_dir', tmp_path / 'run'], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(ranks) == 2
-    for net in ('G', 'D'):
+    for net in ('G', 'D', 'G_ema'):
         for key, value in ranks[0][net].items():
             if 'running_' in key or 'num_batches' in key:
                 continue  # each rank's BN statistics come from its own batches
@@ -339,6 +350,7 @@ def test_sync_bn_on_cpu_is_one_line_error(tmp_path, data_root):
     result = run_script('biggan_sn', ['--sync_bn', '--device', 'cpu', '--data_root', data_root,
                                       '--out_dir', tmp_path / 'r'], cwd=tmp_path)
     assert_one_line_error(result, '--sync_bn', 'CPU')
+    assert not (tmp_path / 'r').exists()  # refused before a run folder is made
     result = run_script('biggan_sn', ['--dataset', 'ring8', '--out_dir', tmp_path / 'r2'], cwd=tmp_path)
     assert_one_line_error(result, 'ring8', 'image data set')
 
