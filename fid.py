@@ -414,6 +414,26 @@ def _dist():
     return 0, 1
 
 
+class _ErrorOnSomeRank(FIDError):
+    """An error one rank hit, raised on every rank (see _raise_on_every_rank)."""
+
+
+def _raise_on_every_rank(error):
+    """Under torch.distributed every rank learns whether any rank failed, so none is left waiting
+    in a collective (gloo's default timeout is 30 minutes), and all raise the first failing rank's
+    message; in one process, raise `error` if there is one."""
+    rank, world = _dist()
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    messages = [None] * world
+    dist.all_gather_object(messages, None if error is None else str(error))
+    failed = [m for m in messages if m is not None]
+    if failed:
+        raise _ErrorOnSomeRank(failed[0])
+
+
 def _comm_device():
     if dist.get_backend() == 'nccl':
         return torch.device('cuda', torch.cuda.current_device())
@@ -634,10 +654,11 @@ def extract_folder(path, model, batch_size=50, num_workers=0,
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files[rank::world]), batch_size=batch_size,
         num_workers=num_workers, collate_fn=list)
+    error = None
     for items in loader:
-        for _, err in items:
-            if err:
-                raise FIDError(err.replace('\n', ' '))
+        error = next((FIDError(err.replace('\n', ' ')) for _, err in items if err), None)
+        if error is not None:
+            break
         imgs = [img for img, _ in items]
         # ToTensor divides by 255; mixed sizes are resized one by one
         if all(im.shape == imgs[0].shape for im in imgs):
@@ -645,6 +666,7 @@ def extract_folder(path, model, batch_size=50, num_workers=0,
         else:
             ex.add(torch.cat([model.prepare(im[None].to(torch.float32).div(255),
                                             zero_one=True) for im in imgs]))
+    _raise_on_every_rank(error)   # a broken file in one rank's shard stops every rank
     return ex.result()
 
 
@@ -947,8 +969,9 @@ def main(argv=None):
     owns_group = not (dist.is_available() and dist.is_initialized())
     try:
         lines = _cli(args)
-    except FIDError as e:
-        print(f'error: {e}', file=sys.stderr)
+    except FIDError as e:             # an error every rank shares is printed once
+        if _dist()[0] == 0 or not isinstance(e, _ErrorOnSomeRank):
+            print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -467,3 +467,21 @@ def test_torchrun_two_processes(weights, folders, models, tmp_path, capsys):
     for k in ('g', 'i'):
         assert np.allclose(got[k + 'mu'], mu, rtol=1e-9)
         assert np.allclose(got[k + 'sigma'], sigma, rtol=1e-9, atol=1e-12)
+
+
+def test_torchrun_broken_image_in_one_rank_stops_every_rank(weights, folders, tmp_path):
+    """rank 1 alone reads the broken file: both ranks stop at once (no rank left waiting in a
+    collective), and the error, naming the file, is printed once."""
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(bad / f'{i}.png')
+    (bad / '1.png').write_bytes(b'\x89PNG\r\n\x1a\nnot really')   # files[1::2] is rank 1's shard
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                        '--master_port', str(free_port()), str(ROOT / 'fid.py'), str(bad), folders[0],
+                        '--dims', '64'], capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and '1.png' in errors[0], p.stderr[-2000:]
+    assert '[rank0]: Traceback' not in p.stderr, p.stderr[-2000:]   # rank 0 stops cleanly too
