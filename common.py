@@ -237,6 +237,8 @@ def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_
         points = centres[mode] + std * torch.randn(n_toy, 2, generator=g)
         return Data(name, points, mode, len(centres), centres, std)
 
+    if name.startswith('stacked-') and channels == 1:
+        raise UserError(f'{name} is three digits stacked as R, G, B: it needs 3 channels; drop --channels 1')
     n_classes = 10
     if name in ('digits', 'stacked-digits'):
         images, labels = load_digits()
@@ -479,7 +481,7 @@ def base_parser(description, dataset='digits'):
     a('--dataset', default=dataset, choices=DATASETS, help='data set (DESIGN section 3)')
     a('--data_root', default='./data', help='where torchvision data sets, folders and caches live')
     a('--subset', type=non_negative_int, default=0, help='use only the first N images (0 = all)')
-    a('--img_size', type=int, default=32, help='image size (a power of two for conv nets)')
+    a('--img_size', type=positive_int, default=32, help='image size (a power of two for conv nets)')
     a('--channels', type=int, choices=(1, 3), default=None, help='image channels (default: the data set\'s)')
     a('--batch_size', type=positive_int, default=64, help='batch size per process')
     a('--lr', type=float, default=2e-4, help='learning rate')
@@ -490,7 +492,7 @@ def base_parser(description, dataset='digits'):
     a('--n_iters', type=positive_int, default=None, help='training length in iterations (wins over --n_epochs)')
     a('--sample_interval', type=non_negative_int, default=500,
       help='iterations between sample grids (0 = end only)')
-    a('--log_interval', type=positive_int, default=100, help='iterations between log lines')
+    a('--log_interval', type=non_negative_int, default=100, help='iterations between log lines')
     a('--eval_interval', type=non_negative_int, default=0,
       help='iterations between quality metrics (0 = end only)')
     a('--eval_samples', type=non_negative_int, default=0, help='samples for metrics (0 = 2,500 for 2-D, 2,000 for '
@@ -536,6 +538,29 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+@contextlib.contextmanager
+def rank_zero_first():
+    """Under DDP rank 0 runs the block first (a download, a cache file) and the other ranks after
+    it, so they read what it wrote instead of writing the same files at the same time."""
+    ddp = dist.is_available() and dist.is_initialized()
+    if ddp and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if ddp and dist.get_rank() == 0:
+            dist.barrier()
+
+
+def cuda_has_native_bf16():
+    """bf16 in hardware (Ampere and later); torch's default also counts slow emulation (V100, T4),
+    where fp16 with a GradScaler is the right choice."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the argument
+        return torch.cuda.is_bf16_supported()
+
+
 def unwrap(model):
     """The plain module inside DDP and torch.compile wrappers."""
     model = getattr(model, 'module', model)
@@ -558,8 +583,9 @@ def new_run_folder(script, dataset):
 
 
 def last_run_folder(script, dataset):
-    runs = sorted(glob.glob(os.path.join('runs', script, f'{dataset}-*')))
-    runs = [r for r in runs if os.path.exists(os.path.join(r, 'ckpt.pt'))]
+    runs = [r for r in glob.glob(os.path.join('runs', script, f'{dataset}-*'))
+            if os.path.exists(os.path.join(r, 'ckpt.pt')) and r.rsplit('-', 1)[1].isdigit()]
+    runs.sort(key=lambda r: int(r.rsplit('-', 1)[1]))  # digits-1000 after digits-999
     if not runs:
         raise UserError(f'--resume last: no run of {script} on {dataset} with a checkpoint under runs/')
     return runs[-1]
@@ -577,7 +603,7 @@ class Run:
     """Everything a training loop needs besides its nets: device, DDP, AMP, outputs, resume.
 
     One object, plain attributes: `device`, `rank`, `world_size`, `is_main`, `ddp`, `out_dir`,
-    `scaler`; methods for each step of the loop, in the order the loop uses them.
+    `fp16_scaling`; methods for each step of the loop, in the order the loop uses them.
     """
 
     def __init__(self, args, script):
@@ -602,9 +628,10 @@ class Run:
         self.seed_everything(args.seed + self.rank)  # each rank draws different noise
 
         # AMP: bf16 autocast on CPU and on GPUs that have it, else fp16 with a GradScaler.
-        bf16 = self.device.type == 'cpu' or torch.cuda.is_bf16_supported()
+        bf16 = self.device.type == 'cpu' or cuda_has_native_bf16()
         self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp and not bf16)
+        self.fp16_scaling = args.amp and not bf16
+        self.scalers = {}  # one GradScaler per optimizer (scaler_for), empty unless fp16
 
         if args.fid_every:  # refuse before a run folder is made, not after
             import fid
@@ -646,7 +673,9 @@ class Run:
         a = self.args
         kwargs = dict(data_root=a.data_root, img_size=a.img_size, channels=a.channels, subset=a.subset)
         kwargs.update(overrides)
-        data = load_data(a.dataset, **kwargs).to(self.device)
+        with rank_zero_first():  # a download or a decode cache is written once
+            data = load_data(a.dataset, **kwargs)
+        data = data.to(self.device)
         data.flip = bool(getattr(a, 'flip', False))
         return data
 
@@ -672,11 +701,24 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp)
 
     def step(self, loss, optimizer):
-        """Backward and optimizer step, through the GradScaler when fp16 needs one."""
+        """Backward and optimizer step, through the optimizer's GradScaler when fp16 needs one."""
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        if not self.fp16_scaling:
+            loss.backward()
+            optimizer.step()
+            return
+        scaler = self.scaler_for(optimizer)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def scaler_for(self, optimizer):
+        """fp16's GradScaler for this optimizer. One per optimizer: nets whose gradients are
+        rank-local (pmgan's generators) must not move the scale of nets whose gradients DDP
+        averages, or ranks would scale the same averaged gradient differently and drift apart."""
+        if id(optimizer) not in self.scalers:
+            self.scalers[id(optimizer)] = torch.amp.GradScaler(self.device.type)
+        return self.scalers[id(optimizer)]
 
     def all_reduce_mean(self, tensor):
         if self.ddp:
@@ -703,7 +745,9 @@ class Run:
             return
         self.check_finite(iteration)
         state = {name: unwrap(obj).state_dict() for name, obj in objects.items()}
-        state.update(iteration=iteration + 1, scaler=self.scaler.state_dict(), rng=rngs,
+        scalers = {name: self.scalers[id(obj)].state_dict() for name, obj in objects.items()
+                   if id(obj) in self.scalers}
+        state.update(iteration=iteration + 1, scalers=scalers, rng=rngs,
                      wall_seconds=self.wall_seconds(), world_size=self.world_size)
         tmp = self.ckpt_path + '.tmp'
         torch.save(state, tmp)
@@ -716,16 +760,26 @@ class Run:
         if not self.args.resume:
             return 0
         try:
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            state = torch.load(self.ckpt_path, map_location='cpu', weights_only=False)  # RNG states stay
+            # on the CPU (set_rng_state needs them there); load_state_dict moves the rest
         except Exception as e:
             raise UserError(f'cannot read checkpoint {self.ckpt_path} ({type(e).__name__}): '
                             f'it is damaged; start a fresh run')
+        if state['iteration'] >= self.n_iters:
+            raise UserError(f'--resume {self.args.resume}: the run already has {state["iteration"]} iterations; '
+                            f'pass a larger --n_iters (or --n_epochs) to extend it')
         for name, obj in objects.items():
             if name not in state:
                 raise UserError(f'checkpoint {self.ckpt_path} has no {name!r}: it was written by '
                                 f'another script or version')
-            unwrap(obj).load_state_dict(state[name])
-        self.scaler.load_state_dict(state['scaler'])
+            try:
+                unwrap(obj).load_state_dict(state[name])
+            except (RuntimeError, ValueError, KeyError) as e:   # other sizes: other flags
+                raise UserError(f'checkpoint {self.ckpt_path}: its {name!r} does not fit this run '
+                                f'({str(e).splitlines()[0][:120]}); resume with the flags in args.json')
+        for name, scaler_state in state.get('scalers', {}).items():
+            if self.fp16_scaling and name in objects:
+                self.scaler_for(objects[name]).load_state_dict(scaler_state)
         if state['world_size'] == self.world_size:
             set_rng_state(state['rng'][self.rank])
         else:
@@ -960,8 +1014,9 @@ class DigitClassifier(nn.Module):
 
 def digit_classifier(base, data_root, device, epochs=30, verbose=True):
     """The classifier for `base` ('digits' or 'mnist'), trained once on its labels and cached
-    as <data_root>/digit_classifier_<base>.pt. Leaves the global RNG as it found it."""
-    with torch.random.fork_rng():
+    as <data_root>/digit_classifier_<base>.pt (under DDP by rank 0; the others then load it).
+    Leaves the global RNG as it found it."""
+    with rank_zero_first(), torch.random.fork_rng():
         return train_or_load_digit_classifier(base, data_root, device, epochs, verbose)
 
 

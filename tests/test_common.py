@@ -38,6 +38,8 @@ def test_stacked_digits_channels_are_digits_with_triple_labels():
         for c, digit in enumerate((data.y[i] // 100, data.y[i] // 10 % 10, data.y[i] % 10)):
             match = (digits.x[:, 0] == data.x[i, c]).flatten(1).all(1)
             assert match.any() and (digits.y[match] == digit).all()
+    with pytest.raises(common.UserError, match='3 channels'):  # grey would lose the three digits
+        common.load_data('stacked-digits', img_size=16, channels=1)
 
 
 @pytest.mark.parametrize('name,n_modes,radius', [('ring8', 8, 2.0), ('grid25', 25, 4 * math.sqrt(2))])
@@ -182,6 +184,30 @@ def test_new_run_folders_are_numbered_never_reused(tmp_path, monkeypatch):
     a = common.new_run_folder('script', 'digits')
     b = common.new_run_folder('script', 'digits')
     assert a.endswith('digits-001') and b.endswith('digits-002')
+    for name in ('digits-999', 'digits-1000', 'digits-002'):   # --resume last: the highest number
+        (tmp_path / 'runs' / 'script' / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'runs' / 'script' / name / 'ckpt.pt').write_bytes(b'')
+    assert common.last_run_folder('script', 'digits').endswith('digits-1000')
+
+
+def test_fp16_keeps_one_grad_scaler_per_optimizer_and_checkpoints_them(tmp_path):
+    """fp16 (GPUs without bf16): a net with rank-local gradients must not move the scale of a net
+    whose gradients DDP averages, so each optimizer has its own scaler; resume restores each."""
+    run = common.Run(make_args(tmp_path), 'test')
+    run.fp16_scaling = True                       # as on a GPU without bf16 (the CPU would use bf16)
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), 0.1), torch.optim.SGD(b.parameters(), 0.1)
+    run.step(a(torch.ones(1, 2)).sum(), opt_a)
+    run.step(b(torch.ones(1, 2)).sum() * float('inf'), opt_b)   # overflow: only b's scale halves
+    assert run.scaler_for(opt_a).get_scale() == 65536.0 and run.scaler_for(opt_b).get_scale() == 32768.0
+    run.save_checkpoint(0, a=a, b=b, opt_a=opt_a, opt_b=opt_b)
+    assert set(torch.load(run.ckpt_path, weights_only=False)['scalers']) == {'opt_a', 'opt_b'}
+    args = make_args(tmp_path, resume=str(tmp_path / 'run'))
+    again = common.Run(args, 'test')
+    again.fp16_scaling, again.n_iters = True, 5
+    fresh_a, fresh_b = torch.optim.SGD(a.parameters(), 0.1), torch.optim.SGD(b.parameters(), 0.1)
+    assert again.resume(a=a, b=b, opt_a=fresh_a, opt_b=fresh_b) == 1
+    assert again.scaler_for(fresh_b).get_scale() == 32768.0 and again.scaler_for(fresh_a).get_scale() == 65536.0
 
 
 # ---- metrics -------------------------------------------------------------------------------
