@@ -22,7 +22,7 @@ parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the 
 parser.add_argument('--n_critic', type=common.positive_int, default=5, help='critic steps per generator step')
 parser.add_argument('--clip_value', type=float, default=0.01, help='critic weight clipping (when --gp is 0)')
 parser.add_argument('--gp', type=float, default=0.0, help='gradient penalty weight (WGAN-GP; 0 = clipping)')
-parser.set_defaults(lr=5e-5, img_size=16, n_epochs=430, sample_interval=2000, log_interval=200,
+parser.set_defaults(lr=None, b1=None, b2=None, img_size=16, n_epochs=430, sample_interval=2000, log_interval=200,
                     eval_interval=2000)
 
 
@@ -61,8 +61,17 @@ def build_nets(args, data):
             common.MLPDiscriminator(data.shape))
 
 
+def complete_args(args):
+    """Optimizer defaults by Lipschitz method: the classic WGAN's RMSprop 5e-5 with clipping;
+    WGAN-GP's Adam 1e-4, betas (0, 0.9) (Gulrajani et al., Algorithm 1) with --gp."""
+    for name, clipped, penalty in (('lr', 5e-5, 1e-4), ('b1', 0.5, 0.0), ('b2', 0.999, 0.9)):
+        if getattr(args, name) is None:
+            setattr(args, name, penalty if args.gp else clipped)
+    return args
+
+
 def main():
-    args = parser.parse_args()
+    args = complete_args(parser.parse_args())
     run = common.Run(args, 'racing_wgan')
     data = run.load_data()
     batches = run.batches(data)
@@ -73,7 +82,7 @@ def main():
     generators, critic = run.prepare(generators_raw), run.prepare(critic_raw)
     opt_G = torch.optim.RMSprop(generators_raw.parameters(), lr=args.lr)  # K generators, one
     opt_D = torch.optim.RMSprop(critic_raw.parameters(), lr=args.lr)      # elementwise optimizer
-    if args.gp:  # WGAN-GP's own recipe
+    if args.gp:  # WGAN-GP's own recipe (complete_args)
         opt_G = torch.optim.Adam(generators_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
         opt_D = torch.optim.Adam(critic_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
     fixed_z = torch.randn(500 if data.is_2d else 10, args.latent_dim, device=run.device)
@@ -82,8 +91,7 @@ def main():
     def sample_fn(n):  # the uniform mixture of the K generators, for the quality metrics
         return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
 
-    loss_G = torch.zeros(K, device=run.device)
-    race = torch.zeros(K, device=run.device)
+    loss_G = race = None  # logged from the first generator step on (a resume may land between two)
     metrics = {}
     for it in range(start, run.n_iters):
         real, _ = batches.get(it)
@@ -97,7 +105,9 @@ def main():
             scores = critic(torch.cat([real, fakes.to(real.dtype)])).float()
             loss_D = -scores[:B].mean() + scores[B:].mean()
         if args.gp:
-            loss_D = loss_D + args.gp * gradient_penalty(critic, real.repeat(K, *[1] * (real.dim() - 1)),
+            # through the plain critic: torch.compile has no double backward; under DDP the
+            # penalty's gradient joins the DDP forward's in the same backward, so it is synced
+            loss_D = loss_D + args.gp * gradient_penalty(critic_raw, real.repeat(K, *[1] * (real.dim() - 1)),
                                                          fakes.float())
         run.step(loss_D, opt_D)
         if not args.gp:
@@ -119,7 +129,10 @@ def main():
 
         metrics = evaluator.due(it, run.n_iters, sample_fn)
         if metrics or run.due(it, args.log_interval):
-            run.log(it, {'D': loss_D, 'G': loss_G.detach(), 'race': race.detach()}, metrics)
+            losses = {'D': loss_D}
+            if loss_G is not None:
+                losses.update(G=loss_G.detach(), race=race.detach())
+            run.log(it, losses, metrics)
         if run.due(it, args.sample_interval):
             with common.sampling(generators_raw):
                 run.save_samples(it, generators_raw(fixed_z), data)

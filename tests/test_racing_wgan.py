@@ -1,6 +1,8 @@
 """racing_wgan.py: the racing term, --n_gen 1 == classic WGAN, variants, resume, DDP, errors."""
+import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -135,6 +137,38 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, data_root):
             assert torch.equal(x['square_avg'], y['square_avg'])
     rows = (tmp_path / 'split' / 'metrics.csv').read_text().splitlines()[1:]
     assert [int(r.split(',')[0]) for r in rows] == list(range(1, 13))   # appended, no duplicates
+    straight, split = read_rows(tmp_path / 'straight'), read_rows(tmp_path / 'split')
+    for s, r in zip(straight, split):
+        assert s['D'] == r['D']
+        if 7 <= int(r['iteration']) <= 10:   # resumed at 6, between two generator steps (0, 5, 10):
+            assert r['G_0'] == '' and r['race_0'] == ''   # no generator loss yet, not a made-up 0
+        else:
+            assert (s['G_0'], s['G_1'], s['race_1']) == (r['G_0'], r['G_1'], r['race_1'])
+    summary = (tmp_path / 'split' / 'summary.json').read_text()
+    result = run_script('racing_wgan', ['--n_iters', '12', '--resume', tmp_path / 'split'] + common_args,
+                        cwd=tmp_path)   # already at 12: refused, nothing rewritten
+    assert_one_line_error(result, 'already has 12 iterations', 'larger --n_iters')
+    assert (tmp_path / 'split' / 'summary.json').read_text() == summary
+
+
+def read_rows(folder):
+    with open(folder / 'metrics.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('flags, optimizer, lr, betas', [
+    ([], 'RMSprop', 5e-5, None),                      # the classic WGAN
+    (['--gp', '10'], 'Adam', 1e-4, (0.0, 0.9)),       # WGAN-GP, Algorithm 1
+    (['--gp', '10', '--lr', '3e-4', '--b2', '0.99'], 'Adam', 3e-4, (0.0, 0.99)),
+])
+def test_optimizer_defaults_follow_the_lipschitz_method(tmp_path, monkeypatch, data_root, flags, optimizer, lr,
+                                                        betas):
+    run_main(racing_wgan, ['--n_iters', '1', '--data_root', data_root, '--out_dir', tmp_path / 'r'] + TINY + flags,
+             monkeypatch)
+    group = torch.load(tmp_path / 'r' / 'ckpt.pt', weights_only=False)['opt_D']['param_groups'][0]
+    assert group['lr'] == lr and ('betas' in group) == (optimizer == 'Adam')
+    if betas:
+        assert group['betas'] == betas
 
 
 def test_two_dimensional_run_reports_mode_coverage(tmp_path, monkeypatch):
@@ -146,10 +180,11 @@ def test_two_dimensional_run_reports_mode_coverage(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / 'run' / 'metrics.png')
 
 
-def test_torchrun_two_processes_keep_identical_critics(tmp_path, data_root):
+def test_torchrun_two_processes_keep_identical_critics(tmp_path):
+    fresh_root = tmp_path / 'fresh_root'   # no cached digit classifier: rank 0 trains it, rank 1 loads it
     result, ranks = run_torchrun_dumping_ranks(
         'racing_wgan', ['--n_gen', '2', '--n_iters', '6', '--n_critic', '2', '--gp', '10',
-                        '--out_dir', tmp_path / 'run', '--data_root', data_root] + TINY, tmp_path)
+                        '--out_dir', tmp_path / 'run', '--data_root', fresh_root] + TINY, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(ranks) == 2
     for net in ('critic', 'generators'):  # parameters; batch-norm running stats are per rank
@@ -157,6 +192,7 @@ def test_torchrun_two_processes_keep_identical_critics(tmp_path, data_root):
             if 'running_' not in key and 'num_batches' not in key:
                 assert torch.equal(value, ranks[1][net][key]), (net, key)
     assert result.stdout.count('[Epoch') == 6   # rank 0 alone prints
+    assert result.stdout.count('trained the digits digit classifier') == 1
 
 
 def test_bad_input_gives_one_line(tmp_path):
@@ -168,3 +204,14 @@ def test_bad_input_gives_one_line(tmp_path):
                           'no checkpoint')
     assert_one_line_error(run_script('racing_wgan', ['--dataset', 'mnist', '--data_root', tmp_path], tmp_path),
                           'train-images-idx3-ubyte')
+
+
+@pytest.mark.skipif(shutil.which('cc') is None and shutil.which('gcc') is None,
+                    reason='torch.compile on the CPU needs a C compiler')
+def test_compile_with_gradient_penalty(tmp_path):
+    """The penalty's double backward goes through the plain critic: torch.compile has none."""
+    result = run_script('racing_wgan', ['--dataset', 'ring8', '--n_gen', '2', '--gp', '10', '--compile',
+                                        '--n_iters', '3', '--eval_samples', '100', '--out_dir', tmp_path / 'r']
+                        + TINY, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['iterations'] == 3
