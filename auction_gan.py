@@ -207,7 +207,8 @@ def main():
         S = auction_scores(X)
         return lots, item_bids, X, S, S.argmax().view(1)
 
-    loss_D = loss_G = loss_aux = S = torch.zeros(N, device=run.device)
+    loss_D = loss_aux = S = torch.zeros(N, device=run.device)
+    loss_G = None  # logged from the first generator step on (a resume may land between two)
     X, winner = torch.zeros(N, N, device=run.device), torch.full((1,), -1, device=run.device)
     metrics, auction_log = {}, {}
     for it in range(start, run.n_iters):
@@ -222,7 +223,9 @@ def main():
         with run.autocast():
             loss_D = d_loss(critics(real).float(), critics(fakes.detach()).float(), args.loss)  # (N,)
         if args.gp:
-            loss_D = loss_D + args.gp * gradient_penalty(critics, real, fakes.detach().float())
+            # through the plain critics: torch.compile has no double backward; under DDP the
+            # penalty's gradient joins the DDP forward's in the same backward, so it is synced
+            loss_D = loss_D + args.gp * gradient_penalty(critics_raw, real, fakes.detach().float())
         run.step(loss_D.sum(), opt_D)   # the sum: each D_i gets only its own gradient
         if clipping:
             with torch.no_grad():
@@ -255,7 +258,11 @@ def main():
             off_diagonal = X.sum() - X.diagonal().sum()
             auction_log = {'S': S, 'winner': winner[0], 'wins': wins.count, 'bid_self': X.diagonal().mean(),
                            'bid_other': off_diagonal / (N * (N - 1))}
-            run.log(it, {'D': loss_D.detach(), 'G': loss_G.detach(), 'aux': loss_aux}, {**auction_log, **metrics})
+            losses = {'D': run.all_reduce_mean(loss_D.detach()),
+                      'aux': run.all_reduce_mean(loss_aux.detach())}
+            if loss_G is not None:   # under DDP: the mean over ranks, as the gradients
+                losses['G'] = run.all_reduce_mean(loss_G.detach())
+            run.log(it, losses, {**auction_log, **metrics})
         if run.due(it, args.sample_interval):
             with common.sampling(generators_raw):
                 run.save_samples(it, generators_raw(fixed_z), data)
