@@ -77,12 +77,16 @@ def balance_beta(JD, JC, diversity):
     and d_k is small), so it is kept as its log L_k = log b_k, in float64. The renormalisation
     softmax(b) is shift-invariant: softmax(b) = softmax(b - max b), and b_k - max b =
     -exp(M + log(1 - exp(L_k - M))) with M = max L is at worst -inf, never inf or NaN. This is
-    exact (no clamp, which would tie saturated generators).
+    exact (no clamp, which would tie saturated generators). Where d_k underflows to 0 (J^D_k below
+    about -745) with c_k < 0, L_k is +inf: it is set to the largest float64, so that generator's b_k
+    is the largest (ties share beta); c_k = 0 contributes 0 whatever d_k.
     """
     JD, JC = JD.double(), JC.double()
     log_w = torch.log_softmax(JD, 0)                      # w_k = exp J^D_k / sum_i exp J^D_i  (3)
     d = torch.sigmoid(JD)                                 # d_k = sigma(J^D_k)                 (3)
-    L = log_w - (JC / d - diversity)                      # log b_k, b_k = w_k exp(-(c_k/d_k - lambda)) (4)
+    ratio = torch.where(JC == 0, torch.zeros_like(JC), JC / d)          # c_k / d_k
+    L = log_w - (ratio - diversity)                       # log b_k, b_k = w_k exp(-(c_k/d_k - lambda)) (4)
+    L = L.nan_to_num(posinf=torch.finfo(L.dtype).max)     # d_k underflowed: b_k the largest
     M = L.max()
     shifted = -torch.exp(M + torch.log1p(-torch.exp(L - M)))   # b_k - max b, without overflow
     return torch.softmax(shifted, 0).float()              # beta_k = exp b_k / sum_i exp b_i

@@ -59,6 +59,12 @@ def test_balance_beta_by_hand_and_without_gradient():
     big = pmgan.balance_beta(torch.tensor([-1.4, -1.3, -1.5]), torch.tensor([-900.0, -2.0, -800.0]), 0.0)
     assert torch.isfinite(big).all() and abs(float(big.sum()) - 1) < 1e-6
     assert big.argmax() == 0 and big[0] > 0.99                  # saturates on the worst-separated one
+    # an extreme D: d_k = sigmoid(-800) underflows to 0, so c_k / d_k is -inf: still no NaN
+    assert torch.equal(pmgan.balance_beta(torch.tensor([-800.0, -2.0]), torch.tensor([-1.0, -1.0]), 0.0),
+                       torch.tensor([1.0, 0.0]))
+    assert torch.equal(pmgan.balance_beta(torch.tensor([-800.0, -800.0, -2.0]), torch.tensor([-1.0, -1.0, -1.0]),
+                                          0.0), torch.tensor([0.5, 0.5, 0.0]))       # ties share beta
+    assert torch.isfinite(pmgan.balance_beta(torch.tensor([-800.0, -2.0]), torch.tensor([0.0, -1.0]), 0.0)).all()
 
 
 def test_classifier_term_pushes_generator_k_towards_label_k():
