@@ -38,8 +38,9 @@ def advantage(text):
         value = Fraction(text).limit_denominator(1000)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f'{text!r} is not a number or fraction such as 2, 0.2 or 1/3')
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'must be at least 1/1000 (one G update per 1000 D updates), got {text}')
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f'must be from 1/1000 (one G update per 1000 D updates) to 1000, '
+                                         f'got {text}')
     return float(value)
 
 

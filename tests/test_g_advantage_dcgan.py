@@ -44,8 +44,8 @@ def read_csv(folder):
 
 
 def assert_same_state(a, b, atol=0.0, buffers=True):
-    """State dicts equal (within atol); buffers=False skips batch-norm statistics, which stay
-    rank-local under DDP (DDP averages gradients, not BN running statistics)."""
+    """State dicts equal (within atol); buffers=False skips batch-norm statistics, which differ
+    across DDP ranks (DDP copies rank 0's at each forward; updates in between are local)."""
     assert a.keys() == b.keys()
     keys = [k for k in a if buffers or not ('running_' in k or 'num_batches' in k)]
     assert len(keys) > 4
@@ -83,7 +83,7 @@ def test_advantage_flag_parses_numbers_and_fractions():
     assert gad.advantage('4') == 4.0 and gad.advantage('0.2') == 0.2
     assert Fraction(gad.advantage('1/3')).limit_denominator(1000) == Fraction(1, 3)
     assert Fraction(gad.advantage('0.3333')).limit_denominator(1000) == Fraction(1, 3)
-    for bad in ('0', '-1', 'x', '1/0', '0.0001'):
+    for bad in ('0', '-1', 'x', '1/0', '0.0001', '1001', '1e400'):
         with pytest.raises(Exception):
             gad.advantage(bad)
 
@@ -223,12 +223,15 @@ def test_torchrun_two_ranks_end_identical(data_root, tmp_path):
 
 def test_bad_flag_in_a_real_process_gives_one_line(tmp_path):
     result = run_script('g_advantage_dcgan', ['--n_iters', 1, '--g_advantage', '0'], cwd=tmp_path)
-    assert_one_line_error(result, '--g_advantage', 'at least 1/1000')
+    assert_one_line_error(result, '--g_advantage', 'from 1/1000')
 
 
 @pytest.mark.parametrize('flags,words', [
     (['--g_advantage', '1/0'], ['--g_advantage', 'not a number']),
     (['--img_size', '24'], ['--img_size 24', 'power of two']),
+    (['--img_size', '0'], ['--img_size', 'at least 1']),
+    (['--g_advantage', '1e400'], ['--g_advantage', 'to 1000']),
+    (['--dataset', 'stacked-digits', '--channels', '1'], ['stacked-digits', '3 channels']),
     (['--dataset', 'folder', '--data_root', 'empty'], ['no images']),
     (['--dataset', 'ring8'], ['2-D', '--dataset digits']),
     (['--resume', 'nowhere'], ['no checkpoint']),
