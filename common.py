@@ -182,9 +182,10 @@ def load_torchvision(name, data_root):
     return images.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()
 
 
-def load_folder(root, img_size, channels):
-    """Every image under `root` (recursive): center-crop to square, resize, uint8 (N, C, S, S)."""
-    from PIL import Image
+def load_folder(root, img_size, channels, subset=0):
+    """Every image under `root` (recursive; the first `subset` in sorted order when given), upright
+    by its EXIF orientation, center-cropped to square, resized: uint8 (N, C, S, S)."""
+    from PIL import Image, ImageOps
     if not os.path.isdir(root):
         raise UserError(f'image folder {root} does not exist: pass --data_root DIR with your images')
     paths = sorted(p for p in glob.glob(os.path.join(root, '**', '*'), recursive=True)
@@ -192,12 +193,13 @@ def load_folder(root, img_size, channels):
     if not paths:
         raise UserError(f'no images under {root} (looked for {" ".join(IMAGE_EXTENSIONS)}): '
                         f'pass --data_root DIR with your images')
+    paths = paths[:subset] if subset else paths   # decode only what --subset keeps
     mode = 'L' if channels == 1 else 'RGB'
     images = []
     for path in paths:
         try:
             with Image.open(path) as im:
-                im = im.convert(mode)
+                im = ImageOps.exif_transpose(im).convert(mode)   # camera photos: upright
                 side = min(im.size)
                 left, top = (im.width - side) // 2, (im.height - side) // 2
                 im = im.crop((left, top, left + side, top + side))
@@ -243,7 +245,7 @@ def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_
     if name in ('digits', 'stacked-digits'):
         images, labels = load_digits()
     elif name in ('folder', 'celeba'):
-        images, labels, n_classes = load_folder(data_root, img_size, channels), None, 0
+        images, labels, n_classes = load_folder(data_root, img_size, channels, subset), None, 0
     else:
         images, labels = load_torchvision('mnist' if name == 'stacked-mnist' else name, data_root)
     if name.startswith('stacked-'):
@@ -743,7 +745,7 @@ class Run:
             rngs = [rng_state()]
         if not self.is_main:
             return
-        self.check_finite(iteration)
+        self.check_finite(iteration, nets=objects)  # never overwrite a good checkpoint with NaN
         state = {name: unwrap(obj).state_dict() for name, obj in objects.items()}
         scalers = {name: self.scalers[id(obj)].state_dict() for name, obj in objects.items()
                    if id(obj) in self.scalers}
@@ -812,12 +814,15 @@ class Run:
             writer.writerows(self.rows)
         os.replace(tmp, os.path.join(self.out_dir, 'metrics.csv'))
 
-    def check_finite(self, iteration):
-        bad = [k for k, v in self.last_losses.items() if not np.all(np.isfinite(v))]
+    def check_finite(self, iteration, nets=None):
+        """Stop with one line when a logged loss, or a weight of `nets`, is NaN/inf."""
+        bad = [f'{k} loss' for k, v in self.last_losses.items() if not np.all(np.isfinite(v))]
+        bad += [f'{name} weights' for name, net in (nets or {}).items() if isinstance(unwrap(net), nn.Module)
+                and not all(torch.isfinite(p).all() for p in unwrap(net).parameters())]
         if bad:
             kept = (f'the last good checkpoint is {self.ckpt_path}' if os.path.exists(self.ckpt_path or '')
                     else 'no checkpoint was written yet')
-            raise UserError(f'{", ".join(bad)} loss became NaN/inf by iteration {iteration + 1}; {kept}. '
+            raise UserError(f'{", ".join(bad)} became NaN/inf by iteration {iteration + 1}; {kept}. '
                             f'Try a lower --lr, or run without --amp')
 
     def log(self, iteration, losses, metrics=None):

@@ -75,6 +75,20 @@ def test_folder_reads_odd_sizes_recursively(tmp_path):
     assert grey.x.shape == (2, 1, 16, 16)
 
 
+def test_folder_subset_decodes_only_what_it_keeps_and_honours_exif(tmp_path):
+    from PIL import Image
+    img = Image.new('L', (20, 10))
+    img.paste(255, (0, 0, 10, 10))                      # left half white: wide, not tall
+    exif = img.getexif()
+    exif[0x0112] = 6                                    # orientation: rotate 90 degrees to view
+    img.save(tmp_path / 'a_camera.jpg', exif=exif, quality=95)
+    (tmp_path / 'z_broken.png').write_bytes(b'not an image')   # after the subset: never opened
+    data = common.load_data('folder', data_root=str(tmp_path), img_size=8, channels=1, subset=1)
+    assert data.x.shape == (1, 1, 8, 8)
+    top, bottom = data.x[0, 0, :3].float().mean(), data.x[0, 0, -3:].float().mean()
+    assert top > 200 and bottom < 50                    # upright: the white half is on top
+
+
 def test_folder_names_a_corrupt_image(tmp_path):
     write_png(tmp_path / 'good.png', (20, 20))
     (tmp_path / 'broken.png').write_bytes(b'\x89PNG not really')
@@ -177,6 +191,20 @@ def test_checkpoint_killed_while_writing_keeps_the_previous_one(tmp_path, monkey
         run.save_checkpoint(19, net=net)
     state = torch.load(run.ckpt_path, weights_only=False)
     assert state['iteration'] == 10 and torch.equal(state['net']['weight'], first['weight'])
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = common.Run(make_args(tmp_path), 'test')
+    net = torch.nn.Linear(3, 3)
+    run.save_checkpoint(4, net=net)
+    with torch.no_grad():
+        net.weight[0, 0] = float('nan')   # diverged between two log lines: the weights tell
+    with pytest.raises(common.UserError, match=r'net weights became NaN/inf by iteration 10; the last good'):
+        run.save_checkpoint(9, net=net)
+    assert torch.load(run.ckpt_path, weights_only=False)['iteration'] == 5
+    run.n_iters, run.per_epoch = 100, 10
+    with pytest.raises(common.UserError, match=r'D loss became NaN/inf by iteration 12'):
+        run.log(11, {'D': torch.tensor(float('inf')), 'G': torch.tensor(0.5)})
 
 
 def test_new_run_folders_are_numbered_never_reused(tmp_path, monkeypatch):
