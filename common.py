@@ -1160,7 +1160,7 @@ def make_fid_tracker(data, args, device):
     import fid
     key = f'{data.name}{f"-first{args.subset}" if args.subset else ""}-{data.shape[-1]}px-{data.shape[0]}ch'
     try:
-        return fid.FIDTracker(data.batch(slice(None), augment=False)[0], key=key, device=device,
+        return fid.FIDTracker(data.x, key=key, device=device,   # uint8: never flipped, converted per batch
                               n_samples=args.fid_samples, batch_size=max(args.batch_size, 50),
                               cache_dir=args.data_root, weights=args.fid_weights)
     except fid.FIDError as e:  # fid.py's CLI flag is --weights; the scripts' is --fid_weights

@@ -553,15 +553,18 @@ def _stack_images(items):
 def extract_images(images, model, batch_size=50, num_workers=0,
                    features=False, logits=False):
     """dict(mu, sigma[, features][, logits]) of a (N, C, H, W) tensor in
-    [-1, 1], or of a data set whose items are such images (or (image, label)
-    tuples). Sharded across ranks under torch.distributed (images
+    [-1, 1] (or uint8 in 0..255), or of a data set whose items are such
+    images (or (image, label) tuples). Sharded across ranks under torch.distributed (images
     rank::world); every rank gets the same result, rows in the original order."""
     rank, world = _dist()
     ex = _Extractor(model, features, logits)
     if torch.is_tensor(images):
         shard = images[rank::world]
         for i in range(0, len(shard), batch_size):
-            ex.add(shard[i:i + batch_size])
+            x = shard[i:i + batch_size]
+            if x.dtype == torch.uint8:   # 0..255, converted a batch at a time (no float copy of all)
+                x = x.float().div_(127.5).sub_(1.0)
+            ex.add(x)
     else:
         sub = torch.utils.data.Subset(images, range(rank, len(images), world))
         loader = torch.utils.data.DataLoader(

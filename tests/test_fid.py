@@ -290,6 +290,8 @@ def test_tensor_folder_generator_agree(models, tmp_path):
     x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     m = models[192]
     mu_t, s_t = fid.statistics_from_images(x, m, batch_size=2)
+    mu_u, s_u = fid.statistics_from_images(torch.from_numpy(u8).permute(0, 3, 1, 2), m, batch_size=2)
+    assert np.allclose(mu_u, mu_t, rtol=1e-6, atol=1e-7) and np.allclose(s_u, s_t, rtol=1e-5, atol=1e-7)  # uint8
     res = fid.extract_folder(str(tmp_path), m, batch_size=3)
     assert np.allclose(mu_t, res['mu'], rtol=1e-5, atol=1e-6)
     assert np.abs(s_t - res['sigma']).max() <= 1e-5 * np.abs(s_t).max()
