@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +45,20 @@ def run_main(main):
     except UserError as e:
         if int(os.environ.get('RANK', 0)) == 0:
             print(f'error: {e}', file=sys.stderr)
+        discard_unused_run_folder()
         sys.exit(2)
+
+
+FRESH_RUN_FOLDER = []  # the run folder this process made, until training writes into it
+
+
+def discard_unused_run_folder():
+    """After bad input found once the run folder exists (an absent data set, an empty image
+    folder): remove the folder this process made if it holds only args.json and no samples."""
+    for folder in FRESH_RUN_FOLDER:
+        if set(os.listdir(folder)) <= {'args.json', 'samples'} and not os.listdir(os.path.join(folder, 'samples')):
+            shutil.rmtree(folder, ignore_errors=True)
+    FRESH_RUN_FOLDER.clear()
 
 
 def positive_int(text):
@@ -150,7 +164,11 @@ def set_channels(images, channels):
 
 def load_digits():
     """The embedded UCI digits: uint8 images (1797, 1, 8, 8) in 0..255, int64 labels."""
-    with np.load(os.path.join(REPO_DIR, 'data', 'digits.npz')) as f:
+    path = os.path.join(REPO_DIR, 'data', 'digits.npz')
+    if not os.path.exists(path):
+        raise UserError(f'the embedded digits file {path} is missing: copy data/digits.npz from the '
+                        f'project next to common.py (or pick another --dataset)')
+    with np.load(path) as f:
         return torch.from_numpy(f['images'])[:, None], torch.from_numpy(f['labels']).long()
 
 
@@ -613,11 +631,12 @@ class Run:
         self.ddp = 'RANK' in os.environ or args.ddp
         self.rank, self.world_size, local_rank = 0, 1, 0
         if self.ddp:
-            if 'RANK' not in os.environ:
-                raise UserError('--ddp needs the torchrun environment: launch with '
-                                'torchrun --nproc_per_node N script.py ...')
             use_cuda = args.device != 'cpu' and torch.cuda.is_available()
-            dist.init_process_group('nccl' if use_cuda else 'gloo')
+            if 'RANK' in os.environ:   # torchrun
+                dist.init_process_group('nccl' if use_cuda else 'gloo')
+            else:                      # --ddp alone: a one-process group, the DDP code path on one device
+                dist.init_process_group('nccl' if use_cuda else 'gloo', store=dist.HashStore(), rank=0,
+                                        world_size=1)
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             local_rank = int(os.environ.get('LOCAL_RANK', 0))
         self.is_main = self.rank == 0
@@ -636,7 +655,7 @@ class Run:
         self.scalers = {}  # one GradScaler per optimizer (scaler_for), empty unless fp16
 
         if args.fid_every:  # refuse before a run folder is made, not after
-            import fid
+            fid = import_fid()
             try:
                 fid.check_weights(fid.resolve_weights(args.fid_weights))  # present and loadable
             except fid.FIDError as e:
@@ -653,6 +672,8 @@ class Run:
             self.out_dir = new_run_folder(script, args.dataset) if self.is_main else None
         self.ckpt_path = os.path.join(self.out_dir, 'ckpt.pt') if self.out_dir else None
         if self.is_main:
+            if not args.resume and (not args.out_dir or not os.path.exists(args.out_dir)):
+                FRESH_RUN_FOLDER[:] = [self.out_dir]
             os.makedirs(os.path.join(self.out_dir, 'samples'), exist_ok=True)
             if not args.resume:
                 with open(os.path.join(self.out_dir, 'args.json'), 'w') as f:
@@ -854,7 +875,7 @@ class Run:
             parts.append(f'[{name} loss: {" ".join(f"{v:.4f}" for v in values)}]')
         for name, value in metrics.items():
             values = value if isinstance(value, list) else [value]
-            parts.append(f'[{name}: {" ".join(f"{v:.4g}" for v in values)}]')
+            parts.append(f'[{"FID" if name == "fid" else name}: {" ".join(f"{v:.4g}" for v in values)}]')
         parts.append(f'[{speed:.1f} it/s]')
         print(' '.join(parts), flush=True)
         self.check_finite(iteration)
@@ -1064,6 +1085,18 @@ def feature_statistics(features):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def gaussian_frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, for fd_digits. The trace of the root
+    is the sum of the roots of the eigenvalues of S1^(1/2) S2 S1^(1/2) (symmetric PSD: eigh, no
+    sqrtm). Kept here so that a script copied with common.py alone runs; fid.py has the same
+    distance with pytorch-fid's edge-case rules, for FID."""
+    w, v = np.linalg.eigh(np.asarray(sigma1, np.float64))
+    root = (v * np.sqrt(w.clip(min=0))) @ v.T
+    inner = np.linalg.eigvalsh(root @ np.asarray(sigma2, np.float64) @ root).clip(min=0)
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(inner).sum())
+
+
 class Evaluator:
     """The offline quality figures DESIGN 4 names for a data set, computed from a sampler.
 
@@ -1141,9 +1174,8 @@ class Evaluator:
             return mode_coverage_2d(samples, self.data.centres, self.data.std)
         with torch.no_grad():
             if self.data.name == 'digits':
-                import fid
                 feats = torch.cat([self.classifier.features(self.grey(b)) for b in samples.split(500)])
-                out = {'fd_digits': fid.frechet_distance(*self.real_stats, *feature_statistics(feats))}
+                out = {'fd_digits': gaussian_frechet_distance(*self.real_stats, *feature_statistics(feats))}
                 if labels is not None:
                     predicted = self.classifier.head(feats.to(self.device)).argmax(1).cpu()
                     out['class_accuracy'] = float((predicted == labels.cpu()).float().mean())
@@ -1153,11 +1185,19 @@ class Evaluator:
         return stacked_modes(digits)
 
 
+def import_fid():
+    try:
+        import fid
+    except ImportError:
+        raise UserError('--fid_every needs fid.py: copy it from the project next to this script') from None
+    return fid
+
+
 def make_fid_tracker(data, args, device):
     """fid.py's tracker against cached real statistics; fails at start-up when weights are missing."""
     if data.is_2d:
         raise UserError(f'--fid_every needs an image data set; {data.name} is 2-D')
-    import fid
+    fid = import_fid()
     key = f'{data.name}{f"-first{args.subset}" if args.subset else ""}-{data.shape[-1]}px-{data.shape[0]}ch'
     try:
         return fid.FIDTracker(data.x, key=key, device=device,   # uint8: never flipped, converted per batch

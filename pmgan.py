@@ -352,7 +352,7 @@ def main():
             g_ckpt.collect()
             opt_ckpt.collect()
             run.save_checkpoint(it, generators=g_ckpt, opt_G=opt_ckpt, dc=dc_raw, opt_DC=opt_DC, balance=slots)
-    run.finish(run.n_iters - 1, metrics)
+    run.finish(run.n_iters - 1, {**slots.values, **metrics})   # final beta, J^D, J^C too
 
 
 if __name__ == '__main__':

@@ -1,6 +1,10 @@
-"""common.py: data sets, batching, K-member nets, checkpoints, metrics."""
+"""common.py: data sets, batching, K-member nets, checkpoints, metrics, copying a script alone."""
+import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import torch
 from PIL import Image
 
 import common
+from conftest import REPO, assert_one_line_error, load_script, run_main, run_script
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -270,3 +275,40 @@ def test_digit_classifier_is_accurate_and_cached(data_root):
         accuracy = (net(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.95
     assert os.path.exists(os.path.join(data_root, 'digit_classifier_digits.pt'))
+
+
+# ---- copying a script, --ddp, bad input after the run folder ---------------------------------
+
+def test_a_script_copied_with_common_alone_runs(tmp_path):
+    """DESIGN 1: a script copied beside common.py runs (digits: with data/digits.npz); fid.py is
+    needed only for --fid_every, and its absence is a one-line error."""
+    for name in ('racing_wgan.py', 'common.py', 'data/digits.npz'):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH='')
+    args = ['--n_iters', '3', '--img_size', '8', '--eval_samples', '100', '--data_root', str(tmp_path / 'data')]
+    result = subprocess.run([sys.executable, 'racing_wgan.py'] + args, cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'fd_digits' in json.loads(next((tmp_path / 'runs').rglob('summary.json')).read_text())
+    result = subprocess.run([sys.executable, 'racing_wgan.py', '--fid_every', '1'] + args, cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, '--fid_every needs fid.py')
+
+
+def test_ddp_flag_alone_runs_a_one_process_group(tmp_path, monkeypatch, data_root):
+    calls = []
+    real_init = common.dist.init_process_group
+    monkeypatch.setattr(common.dist, 'init_process_group', lambda *a, **k: calls.append(k) or real_init(*a, **k))
+    racing_wgan = load_script('racing_wgan')
+    run_main(racing_wgan, ['--ddp', '--n_iters', '2', '--img_size', '8', '--eval_samples', '100',
+                           '--data_root', data_root, '--out_dir', tmp_path / 'r'], monkeypatch)
+    assert calls and calls[0]['world_size'] == 1 and not common.dist.is_initialized()   # torn down at the end
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['iterations'] == 2
+
+
+def test_bad_data_after_the_run_folder_leaves_no_empty_folder(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    result = run_script('g_advantage_dcgan', ['--dataset', 'folder', '--data_root', tmp_path / 'empty'], cwd=tmp_path)
+    assert_one_line_error(result, 'no images')
+    assert not (tmp_path / 'runs').exists() or not list((tmp_path / 'runs').rglob('args.json'))

@@ -128,6 +128,7 @@ def test_logged_statistics_match_the_losses_and_k1_is_a_plain_gan(tmp_path, monk
         assert abs(float(row['JD_0']) + float(row['D'])) < 1e-5
     summary = json.loads((tmp_path / 'k4' / 'summary.json').read_text())
     assert set(summary) >= {'modes_covered', 'hq_fraction', 'kl_uniform'} and len(summary['final_G']) == 4
+    assert len(summary['beta']) == 4 and abs(sum(summary['beta']) - 1) < 1e-5 and len(summary['JD']) == 4
     assert os.path.exists(tmp_path / 'k4' / 'samples' / 'iter_000003.png')
 
 
