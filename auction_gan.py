@@ -210,7 +210,7 @@ def main():
     loss_D = loss_aux = S = torch.zeros(N, device=run.device)
     loss_G = None  # logged from the first generator step on (a resume may land between two)
     X, winner = torch.zeros(N, N, device=run.device), torch.full((1,), -1, device=run.device)
-    metrics, auction_log = {}, {}
+    metrics, auction_log, auction_rows = {}, {}, []
     for it in range(start, run.n_iters):
         real, _ = batches.get(it)
         B = len(real)
@@ -243,6 +243,7 @@ def main():
             loss_aux = auxiliary_step(critics, critics_raw, opt_D, real_aux, lots, item_bids, winner,
                                       args.loss, run)
             wins.count.index_add_(0, winner, torch.ones(1, device=run.device))
+            auction_rows.append({'iteration': it + 1, 'winner': winner[0], 'S': S})   # auctions.csv
             if clipping:
                 with torch.no_grad():
                     for p in critics_raw.parameters():
@@ -263,6 +264,8 @@ def main():
             if loss_G is not None:   # under DDP: the mean over ranks, as the gradients
                 losses['G'] = run.all_reduce_mean(loss_G.detach())
             run.log(it, losses, {**auction_log, **metrics})
+            run.write_events('auctions.csv', auction_rows)   # every auction's S(i) and winner
+            auction_rows = []
         if run.due(it, args.sample_interval):
             with common.sampling(generators_raw):
                 run.save_samples(it, generators_raw(fixed_z), data)

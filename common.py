@@ -614,7 +614,8 @@ def last_run_folder(script, dataset):
 def metric_value(value):
     """A float from a loss or metric (tensor, number); the only place the loop syncs to the host."""
     if torch.is_tensor(value):
-        value = value.detach().float().cpu()
+        value = value.detach().cpu()
+        value = value.float() if value.is_floating_point() else value   # counts and indices stay ints
         return value.tolist() if value.dim() else value.item()
     return value
 
@@ -678,9 +679,9 @@ class Run:
             if not args.resume:
                 with open(os.path.join(self.out_dir, 'args.json'), 'w') as f:
                     json.dump(vars(args), f, indent=2)
-        self.rows, self.last_losses = [], {}
+        self.rows, self.last_losses, self.event_files = [], {}, set()
         self.start_time, self.wall_before = time.time(), 0.0
-        self.tick, self.tick_iteration = time.time(), 0
+        self.tick, self.tick_iteration, self.tick_iteration_start = time.time(), 0, 0
         self.n_iters, self.per_epoch = 0, 1
 
     # ---- set-up -------------------------------------------------------------------------
@@ -809,13 +810,41 @@ class Run:
             self.seed_everything(self.args.seed + self.rank + 7919 * state['iteration'])
         self.wall_before = state['wall_seconds']
         self.rows = [r for r in self.read_rows() if int(r['iteration']) <= state['iteration']]
-        self.tick_iteration = state['iteration']
+        self.tick_iteration = self.tick_iteration_start = state['iteration']
         return state['iteration']
 
     # ---- logging and outputs --------------------------------------------------------------
 
     def wall_seconds(self):
         return self.wall_before + time.time() - self.start_time
+
+    def write_events(self, name, rows):
+        """Append rows (dicts with an 'iteration'; tensors allowed, one column per element) to
+        <run folder>/<name>, for what happens more often than a log line (e.g. every auction). The
+        first write of a resumed run first drops the file's rows past the checkpoint (redone now)."""
+        if not self.is_main or not rows:
+            return
+        path = os.path.join(self.out_dir, name)
+        flat = []
+        for row in rows:
+            out = {}
+            for key, value in row.items():
+                value = metric_value(value)
+                columns = enumerate(value) if isinstance(value, list) else [(None, value)]
+                out.update({key if i is None else f'{key}_{i}': v for i, v in columns})
+            flat.append(out)
+        if name not in self.event_files:
+            self.event_files.add(name)
+            kept = []
+            if self.args.resume and os.path.exists(path):
+                with open(path) as f:
+                    kept = [r for r in csv.DictReader(f) if int(r['iteration']) <= self.tick_iteration_start]
+            with open(path, 'w', newline='') as f:
+                writer = csv.DictWriter(f, list(flat[0]))
+                writer.writeheader()
+                writer.writerows(kept)
+        with open(path, 'a', newline='') as f:
+            csv.DictWriter(f, list(flat[0])).writerows(flat)
 
     def read_rows(self):
         path = os.path.join(self.out_dir, 'metrics.csv')

@@ -199,6 +199,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     args = ['--loss', 'wgan', '--n_critic', '2', '--auction_every', '2'] + TINY
     run_main(auction_gan, ['--n_iters', '8', '--out_dir', tmp_path / 'straight'] + args, monkeypatch)
     run_main(auction_gan, ['--n_iters', '4', '--out_dir', tmp_path / 'split'] + args, monkeypatch)
+    with open(tmp_path / 'split' / 'auctions.csv', 'a') as f:   # as if killed after logging past the checkpoint
+        f.write('6,0,9.9,9.9,9.9\n')
     run_main(auction_gan, ['--n_iters', '8', '--resume', tmp_path / 'split'] + args, monkeypatch)
     a, b = (torch.load(tmp_path / f / 'ckpt.pt', weights_only=False) for f in ('straight', 'split'))
     assert a['iteration'] == b['iteration'] == 8
@@ -210,6 +212,13 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
             assert torch.equal(x['square_avg'], y['square_avg'])
     assert a['wins']['count'].sum() == 4
     assert [int(r['iteration']) for r in read_rows(tmp_path / 'split')] == list(range(1, 9))
+    # every auction's S(i) and winner (DESIGN: per auction), the same after the resume
+    straight, split = ((tmp_path / f / 'auctions.csv').read_text() for f in ('straight', 'split'))
+    assert straight == split
+    rows = list(csv.DictReader(straight.splitlines()))
+    assert [int(r['iteration']) for r in rows] == [2, 4, 6, 8]
+    assert set(rows[0]) == {'iteration', 'winner', 'S_0', 'S_1', 'S_2'}   # N = 3 pairs
+    assert [int(r['winner']) for r in rows] == [max(range(3), key=lambda i: float(r[f'S_{i}'])) for r in rows]
 
 
 def test_amp_runs_in_bf16_on_cpu(tmp_path, monkeypatch):
