@@ -312,3 +312,15 @@ def test_bad_data_after_the_run_folder_leaves_no_empty_folder(tmp_path):
     result = run_script('g_advantage_dcgan', ['--dataset', 'folder', '--data_root', tmp_path / 'empty'], cwd=tmp_path)
     assert_one_line_error(result, 'no images')
     assert not (tmp_path / 'runs').exists() or not list((tmp_path / 'runs').rglob('args.json'))
+
+
+def test_fd_digits_distance_equals_fid_py():
+    """common's Frechet distance (kept so a script runs without fid.py) against fid.py's."""
+    import fid
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 32)), rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32)) * 0.3 + 0.5
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    ours = common.gaussian_frechet_distance(*stats[0], *stats[1])
+    assert ours == pytest.approx(fid.frechet_distance(*stats[0], *stats[1]), rel=1e-9)
+    assert common.gaussian_frechet_distance(np.zeros(3), np.diag([1.0, 4.0, 9.0]), np.ones(3),
+                                            np.diag([4.0, 1.0, 9.0])) == pytest.approx(3 + 1 + 1 + 0)
