@@ -270,6 +270,8 @@ def main():
             with common.sampling(generators_raw):
                 run.save_samples(it, generators_raw(fixed_z), data)
         if run.due(it, args.ckpt_interval):
+            run.write_events('auctions.csv', auction_rows)   # every auction up to the checkpoint
+            auction_rows = []
             run.save_checkpoint(it, generators=generators_raw, discriminators=critics_raw, opt_G=opt_G,
                                 opt_D=opt_D, wins=wins)
     run.finish(run.n_iters - 1, {**auction_log, **metrics})

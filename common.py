@@ -56,7 +56,9 @@ def discard_unused_run_folder():
     """After bad input found once the run folder exists (an absent data set, an empty image
     folder): remove the folder this process made if it holds only args.json and no samples."""
     for folder in FRESH_RUN_FOLDER:
-        if set(os.listdir(folder)) <= {'args.json', 'samples'} and not os.listdir(os.path.join(folder, 'samples')):
+        samples = os.path.join(folder, 'samples')
+        unused = os.path.isdir(samples) and set(os.listdir(folder)) <= {'args.json', 'samples'}
+        if unused and not os.listdir(samples):
             shutil.rmtree(folder, ignore_errors=True)
     FRESH_RUN_FOLDER.clear()
 
@@ -265,7 +267,8 @@ def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_
     elif name in ('folder', 'celeba'):
         images, labels, n_classes = load_folder(data_root, img_size, channels, subset), None, 0
     else:
-        images, labels = load_torchvision('mnist' if name == 'stacked-mnist' else name, data_root)
+        with rank_zero_first():  # under DDP rank 0 downloads, then the others read its files
+            images, labels = load_torchvision('mnist' if name == 'stacked-mnist' else name, data_root)
     if name.startswith('stacked-'):
         images, labels = stack_three(images, labels, STACKED_SIZE[name])
         n_classes = 1000
@@ -581,6 +584,11 @@ def cuda_has_native_bf16():
         return torch.cuda.is_bf16_supported()
 
 
+def checkpointed(obj):
+    """The optimizer or net behind a checkpoint view (pmgan's PerGenerator keeps it as .obj)."""
+    return getattr(obj, 'obj', obj)
+
+
 def unwrap(model):
     """The plain module inside DDP and torch.compile wrappers."""
     model = getattr(model, 'module', model)
@@ -697,9 +705,7 @@ class Run:
         a = self.args
         kwargs = dict(data_root=a.data_root, img_size=a.img_size, channels=a.channels, subset=a.subset)
         kwargs.update(overrides)
-        with rank_zero_first():  # a download or a decode cache is written once
-            data = load_data(a.dataset, **kwargs)
-        data = data.to(self.device)
+        data = load_data(a.dataset, **kwargs).to(self.device)
         data.flip = bool(getattr(a, 'flip', False))
         return data
 
@@ -769,8 +775,8 @@ class Run:
             return
         self.check_finite(iteration, nets=objects)  # never overwrite a good checkpoint with NaN
         state = {name: unwrap(obj).state_dict() for name, obj in objects.items()}
-        scalers = {name: self.scalers[id(obj)].state_dict() for name, obj in objects.items()
-                   if id(obj) in self.scalers}
+        scalers = {name: self.scalers[id(checkpointed(obj))].state_dict() for name, obj in objects.items()
+                   if id(checkpointed(obj)) in self.scalers}
         state.update(iteration=iteration + 1, scalers=scalers, rng=rngs,
                      wall_seconds=self.wall_seconds(), world_size=self.world_size)
         tmp = self.ckpt_path + '.tmp'
@@ -803,7 +809,7 @@ class Run:
                                 f'({str(e).splitlines()[0][:120]}); resume with the flags in args.json')
         for name, scaler_state in state.get('scalers', {}).items():
             if self.fp16_scaling and name in objects:
-                self.scaler_for(objects[name]).load_state_dict(scaler_state)
+                self.scaler_for(checkpointed(objects[name])).load_state_dict(scaler_state)
         if state['world_size'] == self.world_size:
             set_rng_state(state['rng'][self.rank])
         else:
@@ -928,6 +934,7 @@ class Run:
                 json.dump(summary, f, indent=2)
             plot_metrics(os.path.join(self.out_dir, 'metrics.csv'), os.path.join(self.out_dir, 'metrics.png'))
             print(f'done: {self.out_dir} ' + ' '.join(f'{k}={fmt(v)}' for k, v in summary.items()), flush=True)
+        FRESH_RUN_FOLDER.clear()  # it holds results now
         if self.ddp:
             dist.barrier()
             dist.destroy_process_group()

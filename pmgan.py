@@ -86,7 +86,7 @@ def balance_beta(JD, JC, diversity):
     d = torch.sigmoid(JD)                                 # d_k = sigma(J^D_k)                 (3)
     ratio = torch.where(JC == 0, torch.zeros_like(JC), JC / d)          # c_k / d_k
     L = log_w - (ratio - diversity)                       # log b_k, b_k = w_k exp(-(c_k/d_k - lambda)) (4)
-    L = L.nan_to_num(posinf=torch.finfo(L.dtype).max)     # d_k underflowed: b_k the largest
+    L = torch.where(L == math.inf, torch.finfo(L.dtype).max, L)   # d_k underflowed: b_k the largest
     M = L.max()
     shifted = -torch.exp(M + torch.log1p(-torch.exp(L - M)))   # b_k - max b, without overflow
     return torch.softmax(shifted, 0).float()              # beta_k = exp b_k / sum_i exp b_i

@@ -266,3 +266,23 @@ def test_bad_input_gives_one_line(tmp_path):
     assert_one_line_error(run_script('auction_gan', ['--gp', '10'], tmp_path), '--gp', '--loss wgan')
     assert_one_line_error(run_script('auction_gan', ['--dataset', 'digits', '--img_size', '12'], tmp_path),
                           '--img_size 12')
+
+
+def test_auctions_csv_survives_a_crash_after_a_checkpoint(tmp_path, monkeypatch):
+    """Rows are flushed at every checkpoint too: a run killed after checkpoint 8 (no log line
+    there) and resumed has every auction, as the straight run."""
+    args = TINY + ['--log_interval', '5', '--ckpt_interval', '4']
+    run_main(auction_gan, ['--n_iters', '12', '--out_dir', tmp_path / 'straight'] + args, monkeypatch)
+    real_save = common.Run.save_checkpoint
+
+    def save_then_die(self, iteration, **objects):
+        real_save(self, iteration, **objects)
+        if iteration + 1 == 8:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common.Run, 'save_checkpoint', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(auction_gan, ['--n_iters', '12', '--out_dir', tmp_path / 'split'] + args, monkeypatch)
+    monkeypatch.setattr(common.Run, 'save_checkpoint', real_save)
+    run_main(auction_gan, ['--n_iters', '12', '--resume', tmp_path / 'split'] + args, monkeypatch)
+    straight = (tmp_path / 'straight' / 'auctions.csv').read_text()
+    assert straight == (tmp_path / 'split' / 'auctions.csv').read_text() and len(straight.splitlines()) == 13

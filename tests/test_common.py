@@ -233,13 +233,22 @@ def test_fp16_keeps_one_grad_scaler_per_optimizer_and_checkpoints_them(tmp_path)
     run.step(a(torch.ones(1, 2)).sum(), opt_a)
     run.step(b(torch.ones(1, 2)).sum() * float('inf'), opt_b)   # overflow: only b's scale halves
     assert run.scaler_for(opt_a).get_scale() == 65536.0 and run.scaler_for(opt_b).get_scale() == 32768.0
-    run.save_checkpoint(0, a=a, b=b, opt_a=opt_a, opt_b=opt_b)
+    class View:   # a checkpoint view of an optimizer, as pmgan's PerGenerator (.obj)
+        def __init__(self, obj):
+            self.obj = obj
+
+        def state_dict(self):
+            return self.obj.state_dict()
+
+        def load_state_dict(self, state):
+            self.obj.load_state_dict(state)
+    run.save_checkpoint(0, a=a, b=b, opt_a=opt_a, opt_b=View(opt_b))
     assert set(torch.load(run.ckpt_path, weights_only=False)['scalers']) == {'opt_a', 'opt_b'}
     args = make_args(tmp_path, resume=str(tmp_path / 'run'))
     again = common.Run(args, 'test')
     again.fp16_scaling, again.n_iters = True, 5
     fresh_a, fresh_b = torch.optim.SGD(a.parameters(), 0.1), torch.optim.SGD(b.parameters(), 0.1)
-    assert again.resume(a=a, b=b, opt_a=fresh_a, opt_b=fresh_b) == 1
+    assert again.resume(a=a, b=b, opt_a=fresh_a, opt_b=View(fresh_b)) == 1
     assert again.scaler_for(fresh_b).get_scale() == 32768.0 and again.scaler_for(fresh_a).get_scale() == 65536.0
 
 
