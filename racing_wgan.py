@@ -22,8 +22,8 @@ parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the 
 parser.add_argument('--n_critic', type=common.positive_int, default=5, help='critic steps per generator step')
 parser.add_argument('--clip_value', type=float, default=0.01, help='critic weight clipping (when --gp is 0)')
 parser.add_argument('--gp', type=float, default=0.0, help='gradient penalty weight (WGAN-GP; 0 = clipping)')
-parser.set_defaults(lr=None, b1=None, b2=None, img_size=16, n_epochs=430, sample_interval=2000, log_interval=200,
-                    eval_interval=2000)
+parser.set_defaults(lr=None, b1=None, b2=None,  # by --gp: complete_args
+                    img_size=16, n_epochs=430, sample_interval=2000, log_interval=200, eval_interval=2000)
 
 
 def racing_term(scores, mode):
