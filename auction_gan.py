@@ -252,7 +252,8 @@ def main():
         metrics = evaluator.due(it, run.n_iters, sample_fn)
         if metrics:
             metrics.update(pair_metrics())
-        if metrics or run.due(it, args.log_interval):
+        logging = bool(metrics) or run.due(it, args.log_interval)
+        if logging:
             if args.no_auction:  # the auction as a bystander: fixed lots, no effect on training
                 with evaluator.fixed_rng():
                     _, _, X, S, winner = auction(torch.randn(N, L, args.latent_dim, device=run.device))
@@ -264,14 +265,13 @@ def main():
             if loss_G is not None:   # under DDP: the mean over ranks, as the gradients
                 losses['G'] = run.all_reduce_mean(loss_G.detach())
             run.log(it, losses, {**auction_log, **metrics})
-            run.write_events('auctions.csv', auction_rows)   # every auction's S(i) and winner
+        if logging or run.due(it, args.ckpt_interval):  # every auction's S(i) and winner, up to now
+            run.write_events('auctions.csv', auction_rows)
             auction_rows = []
         if run.due(it, args.sample_interval):
             with common.sampling(generators_raw):
                 run.save_samples(it, generators_raw(fixed_z), data)
         if run.due(it, args.ckpt_interval):
-            run.write_events('auctions.csv', auction_rows)   # every auction up to the checkpoint
-            auction_rows = []
             run.save_checkpoint(it, generators=generators_raw, discriminators=critics_raw, opt_G=opt_G,
                                 opt_D=opt_D, wins=wins)
     run.finish(run.n_iters - 1, {**auction_log, **metrics})
