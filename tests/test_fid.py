@@ -127,20 +127,25 @@ def test_model_keys_dims_and_eval(models):
     assert f.shape == (2, 64) and logits.shape == (2, 1008)
 
 
-def test_exact_fp32_turns_tf32_and_autocast_off_and_restores(monkeypatch):
+def test_exact_fp32_turns_tf32_and_autocast_off_and_restores():
     """On CUDA the network runs in true fp32: TF32 off (through the same allow_tf32 flags that
     common.py sets, since mixing them with torch's fp32_precision API raises) and autocast off;
-    the caller's settings come back afterwards. The flags are global, so this runs on a CPU."""
+    the caller's settings come back afterwards. The flags are global, so this runs on a CPU.
+    They are saved and restored by hand: torch serves matmul.allow_tf32 through __getattr__, and
+    pytest >= 9.2's monkeypatch deletes such an attribute on undo, which torch refuses."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    monkeypatch.setattr(matmul, 'allow_tf32', True)
-    monkeypatch.setattr(cudnn, 'allow_tf32', True)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        with fid._exact_fp32(torch.device('cuda')):
-            assert not matmul.allow_tf32 and not cudnn.allow_tf32
-            assert not torch.is_autocast_enabled('cuda')
-        with fid._exact_fp32(torch.device('cpu')):
-            assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
-    assert matmul.allow_tf32 and cudnn.allow_tf32
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            with fid._exact_fp32(torch.device('cuda')):
+                assert not matmul.allow_tf32 and not cudnn.allow_tf32
+                assert not torch.is_autocast_enabled('cuda')
+            with fid._exact_fp32(torch.device('cpu')):
+                assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def test_fused_equals_unfused(models, weights):
