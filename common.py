@@ -63,26 +63,62 @@ def discard_unused_run_folder():
     FRESH_RUN_FOLDER.clear()
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
+def number_type(kind, low=None, high=None, low_open=False, high_open=False, name=None):
+    """An argparse type: `kind` (int or float) within [low, high] (open where asked), checked when
+    the flags are parsed, so a bad value is one line and exit 2 before anything runs."""
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}')
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be finite, got {text}')
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            left = '(' if low_open or low is None else '['
+            right = ')' if high_open or high is None else ']'
+            span = f'{left}{"-inf" if low is None else low}, {"inf" if high is None else high}{right}'
+            raise argparse.ArgumentTypeError(f'must lie in {span}, got {text}')
+        return value
+    check.__name__ = name or kind.__name__   # argparse names the type in its messages
+    return check
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
-    return value
+positive_int = number_type(int, 1, name='positive_int')
+non_negative_int = number_type(int, 0, name='non_negative_int')
+positive_float = number_type(float, 0, low_open=True, name='positive_float')
+non_negative_float = number_type(float, 0, name='non_negative_float')
+unit_interval = number_type(float, 0, 1, name='unit_interval')           # [0, 1]
+adam_beta = number_type(float, 0, 1, high_open=True, name='adam_beta')  # [0, 1)
 
 
 def fid_sample_count(text):
-    value = int(text)
+    value = positive_int(text)
     if value < 10:
         raise argparse.ArgumentTypeError(f'must be at least 10 (the Inception Score uses 10 splits; '
                                          f'FID wants 10,000), got {value}')
     return value
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's lines as written and shows each flag's default, except where
+    the default is None (the help then says what decides it) or the help already names one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.default in (None, argparse.SUPPRESS) or 'default' in text or action.nargs == 0:
+            return text
+        return f'{text} (default: %(default)s)'
+
+
+def describe_default(parser, flag, text):
+    """Say in --help what decides a flag's default when the script sets it later (default None)."""
+    for action in parser._actions:
+        if flag in action.option_strings:
+            action.help = f'{action.help}; default: {text}'
+            return
+    raise KeyError(flag)
 
 
 class Parser(argparse.ArgumentParser):
@@ -499,7 +535,7 @@ class DCGANDiscriminator(nn.Module):
 
 def base_parser(description, dataset='digits'):
     """The flags every script shares (DESIGN section 2). Scripts add their own and set_defaults."""
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
     a('--dataset', default=dataset, choices=DATASETS, help='data set (DESIGN section 3)')
     a('--data_root', default='./data', help='where torchvision data sets, folders and caches live')
@@ -507,9 +543,9 @@ def base_parser(description, dataset='digits'):
     a('--img_size', type=positive_int, default=32, help='image size (a power of two for conv nets)')
     a('--channels', type=int, choices=(1, 3), default=None, help='image channels (default: the data set\'s)')
     a('--batch_size', type=positive_int, default=64, help='batch size per process')
-    a('--lr', type=float, default=2e-4, help='learning rate')
-    a('--b1', type=float, default=0.5, help='Adam beta1')
-    a('--b2', type=float, default=0.999, help='Adam beta2')
+    a('--lr', type=positive_float, default=2e-4, help='learning rate')
+    a('--b1', type=adam_beta, default=0.5, help='Adam beta1')
+    a('--b2', type=adam_beta, default=0.999, help='Adam beta2')
     a('--latent_dim', type=positive_int, default=100, help='size of z')
     a('--n_epochs', type=positive_int, default=20, help='training length in epochs')
     a('--n_iters', type=positive_int, default=None, help='training length in iterations (wins over --n_epochs)')
@@ -523,7 +559,7 @@ def base_parser(description, dataset='digits'):
     a('--out_dir', default=None, help='run folder (default runs/<script>/<dataset>-NNN, never reused)')
     a('--resume', default=None, help='a run folder, or "last": continue from its checkpoint')
     a('--ckpt_interval', type=non_negative_int, default=1000, help='iterations between checkpoints (0 = end only)')
-    a('--seed', type=int, default=0, help='random seed')
+    a('--seed', type=non_negative_int, default=0, help='random seed')
     a('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     a('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16 + GradScaler)')
     a('--compile', action='store_true', help='torch.compile the networks')
