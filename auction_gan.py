@@ -156,7 +156,7 @@ class Wins:
 
 
 def main():
-    args = parser.parse_args()
+    args = common.parse_args(parser)
     if args.n_gans < 2:
         raise common.UserError(f'--n_gans {args.n_gans} leaves no other pair to bid: use --n_gans 2 or more')
     if args.gp and args.loss != 'wgan':
@@ -187,6 +187,9 @@ def main():
     start = run.resume(generators=generators_raw, discriminators=critics_raw, opt_G=opt_G, opt_D=opt_D,
                        wins=wins)
 
+    if args.generate:   # --generate N: samples from the checkpoint, no training
+        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
+
     def sample_fn(n):  # the union: the uniform mixture of the N generators
         return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
 
@@ -211,7 +214,7 @@ def main():
     loss_G = None  # logged from the first generator step on (a resume may land between two)
     X, winner = torch.zeros(N, N, device=run.device), torch.full((1,), -1, device=run.device)
     metrics, auction_log, auction_rows = {}, {}, []
-    for it in range(start, run.n_iters):
+    for it in run.iterations(start):
         real, _ = batches.get(it)
         B = len(real)
         z = torch.randn(N, B, args.latent_dim, device=run.device)    # each G_i its own noise

@@ -332,7 +332,7 @@ def build_nets(args, channels, n_classes):
 
 
 def main():
-    args = complete_args(parser.parse_args())
+    args = complete_args(common.parse_args(parser))
     run = common.Run(args, 'biggan_sn')
     data = run.load_data()
     if data.is_2d:
@@ -375,10 +375,14 @@ def main():
     def images_fn(n):  # fid.py wants images only
         return sample_fn(n)[0] if n_classes else sample_fn(n)
 
+    if args.generate:   # --generate N: samples as the grids draw them (EMA, truncation), no training
+        return common.write_generated(
+            run, lambda n, y: generate(sample_z(n, args.latent_dim, args.truncation, dev), y)[None], n_classes)
+
     zero = torch.zeros((), device=dev)
     loss_D = loss_G = ortho = zero
     metrics = {}
-    for it in range(start, run.n_iters):
+    for it in run.iterations(start):
         # ---- D: --d_steps steps, each on a fresh real batch and fresh fakes ------------------
         for s in range(args.d_steps):
             real, y_real = batches.get(it * args.d_steps + s)

@@ -15,9 +15,13 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -76,10 +80,11 @@ def number_type(kind, low=None, high=None, low_open=False, high_open=False, name
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
-            left = '(' if low_open or low is None else '['
-            right = ')' if high_open or high is None else ']'
-            span = f'{left}{"-inf" if low is None else low}, {"inf" if high is None else high}{right}'
-            raise argparse.ArgumentTypeError(f'must lie in {span}, got {text}')
+            if high is None:
+                bound = f'more than {low}' if low_open else '0 or more' if low == 0 else f'at least {low}'
+            else:
+                bound = f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+            raise argparse.ArgumentTypeError(f'must be {bound}, got {text}')
         return value
     check.__name__ = name or kind.__name__   # argparse names the type in its messages
     return check
@@ -557,20 +562,56 @@ def base_parser(description, dataset='digits'):
     a('--eval_samples', type=non_negative_int, default=0, help='samples for metrics (0 = 2,500 for 2-D, 2,000 for '
       'fd_digits, 26,000 for stacked modes)')
     a('--out_dir', default=None, help='run folder (default runs/<script>/<dataset>-NNN, never reused)')
-    a('--resume', default=None, help='a run folder, or "last": continue from its checkpoint')
+    a('--resume', default=None, help='continue a run from its checkpoint, with the flags in its args.json '
+      '(flags given here win): a run folder, "last" (the newest run of this script on --dataset), or '
+      '"auto" (the --out_dir run when it has a checkpoint, else a fresh run there: for job scripts '
+      'and torchrun --max_restarts)')
     a('--ckpt_interval', type=non_negative_int, default=1000, help='iterations between checkpoints (0 = end only)')
     a('--seed', type=non_negative_int, default=0, help='random seed')
     a('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    a('--amp', action='store_true', help='mixed precision (bf16 where supported, else fp16 + GradScaler)')
+    a('--amp', nargs='?', const='auto', default=None, choices=('auto', 'bf16', 'fp16'),
+      help='mixed precision: bare --amp is bf16 on the CPU and on GPUs with native bf16, else fp16 '
+      'with a GradScaler per optimizer; or name the dtype (fp16 on the CPU runs the GradScaler path)')
     a('--compile', action='store_true', help='torch.compile the networks')
     a('--ddp', action='store_true', help='force DDP (automatic under torchrun)')
     a('--fid_every', type=non_negative_int, default=0, help='iterations between FIDs via fid.py (0 = off)')
     a('--fid_samples', type=fid_sample_count, default=10000, help='generated samples per FID')
     a('--fid_weights', default=None, help='FID Inception weights (default: $FID_WEIGHTS or the torch hub cache)')
+    a('--generate', type=positive_int, default=None, metavar='N',
+      help='with --resume RUN: write N samples as PNGs (2-D sets: .npy) under RUN/generated/ and stop; '
+      'no training, nothing else in the run changes')
+    a('--from', dest='from_ckpt', choices=('last', 'best'), default='last',
+      help='with --generate: sample ckpt.pt (last) or ckpt_best.pt (best by the tracked quality figure)')
     return p
 
 
-def resolve_device(name, local_rank=0):
+NOT_INHERITED = {'resume', 'out_dir', 'generate', 'from_ckpt', 'ddp'}  # args.json keys a resume does not take
+
+
+def parse_args(parser, argv=None):
+    """The flags; when resuming (or generating from) a run, its args.json gives the defaults and the
+    flags on the command line win, so `--resume RUN` alone continues RUN as it was started."""
+    args = parser.parse_args(argv)
+    folder = {'auto': args.out_dir, None: None}.get(args.resume, args.resume)
+    if args.resume == 'last':
+        folder = last_run_folder(parser.prog.removesuffix('.py'), args.dataset)
+    saved_path = os.path.join(folder, 'args.json') if folder else ''
+    if not os.path.exists(saved_path):
+        return args
+    with open(saved_path) as f:
+        saved = json.load(f)
+    known = {action.dest for action in parser._actions}
+    defaults = {k: v for k, v in saved.items() if k in known and k not in NOT_INHERITED}
+    if isinstance(defaults.get('amp'), bool):   # args.json from before --amp took a dtype
+        defaults['amp'] = 'auto' if defaults['amp'] else None
+    return parser.parse_args(argv, namespace=argparse.Namespace(**defaults))
+
+
+def resolve_device(name, local_rank=0, world_size=1):
+    if world_size > 1 and name.startswith('cuda:'):
+        raise UserError(f'--device {name} under torchrun would put every process on the same GPU: use '
+                        f'--device cuda (each process takes the GPU of its local rank) and choose GPUs '
+                        f'with CUDA_VISIBLE_DEVICES')
     if name == 'auto':
         name = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
     elif name == 'cuda':
@@ -583,7 +624,11 @@ def resolve_device(name, local_rank=0):
 
 
 def rng_state():
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """Every RNG's state as tensors and plain types, so checkpoints load with weights_only=True."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)}}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -591,7 +636,9 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -655,6 +702,216 @@ def last_run_folder(script, dataset):
     return runs[-1]
 
 
+def choose_run_folder(args, script, is_main):
+    """(run folder, whether to resume it) from --resume and --out_dir. A fresh run never goes into a
+    folder that already holds a run: that stops here, before anything is written."""
+    checkpoint = 'ckpt_best.pt' if args.generate and args.from_ckpt == 'best' else 'ckpt.pt'
+    if args.resume == 'auto':
+        if not args.out_dir:
+            raise UserError('--resume auto needs --out_dir DIR: the run folder to continue, or to start in')
+        if os.path.exists(os.path.join(args.out_dir, 'ckpt.pt')) or args.generate:
+            folder = args.out_dir
+        else:
+            return args.out_dir, False            # nothing to resume yet: a fresh run there
+    elif args.resume:
+        folder = last_run_folder(script, args.dataset) if args.resume == 'last' else args.resume
+    elif args.generate:
+        raise UserError('--generate N samples a trained run: pass --resume RUN (a run folder with a checkpoint)')
+    elif args.out_dir:
+        used = [f for f in ('ckpt.pt', 'metrics.csv') if os.path.exists(os.path.join(args.out_dir, f))]
+        if used:
+            raise UserError(f'--out_dir {args.out_dir} already holds a run ({" and ".join(used)}); nothing was '
+                            f'changed: continue it with --resume {args.out_dir} (or --resume auto), or pass '
+                            f'another --out_dir')
+        return args.out_dir, False
+    else:
+        return (new_run_folder(script, args.dataset) if is_main else None), False
+    if not os.path.exists(os.path.join(folder, checkpoint)):
+        raise UserError(f'--resume {args.resume}: no checkpoint {os.path.join(folder, checkpoint)}; pass a run '
+                        f'folder that has one' + (' (ckpt_best.pt exists only where a quality figure was '
+                                                  'tracked)' if checkpoint == 'ckpt_best.pt' else ''))
+    return folder, True
+
+
+class CheckpointFiles:
+    """A run folder's checkpoints: ckpt.pt (the latest state) and ckpt_best.pt (the state at the best
+    value of the tracked quality figure). Written to a temporary file and renamed, so a kill never
+    leaves a broken one; read with weights_only=True, so a checkpoint cannot run code on load."""
+
+    def __init__(self, folder):
+        self.folder = folder   # None on DDP ranks other than 0 for a new numbered folder: they never write
+        self.best = {}         # the tracked figure's best so far: {'metric', 'value', 'iteration'}
+
+    def path(self, which='last'):
+        return os.path.join(self.folder, 'ckpt_best.pt' if which == 'best' else 'ckpt.pt')
+
+    def improves(self, metric, value, iteration):
+        """Whether `value` of the tracked figure (lower is better) beats the best so far; if so it
+        becomes the best, to be written to ckpt_best.pt."""
+        if not math.isfinite(value) or (self.best and not value < self.best['value']):
+            return False
+        self.best = {'metric': metric, 'value': value, 'iteration': iteration}
+        return True
+
+    def write(self, state, which='last'):
+        path = self.path(which)
+        torch.save(state, path + '.tmp')
+        os.replace(path + '.tmp', path)  # a kill before this line leaves the old file whole
+
+    def read(self, which='last'):
+        path = self.path(which)
+        try:   # on the CPU: set_rng_state needs the RNG states there; load_state_dict moves the rest
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            if 'weights_only' not in str(e) and 'Weights only' not in str(e):
+                raise UserError(f'cannot read checkpoint {path} (UnpicklingError): it is damaged; start a fresh run')
+            raise UserError(f'refusing to load {path}: it holds Python objects other than tensors and plain '
+                            f'values, which could run code when loaded; nothing in it was run. Only '
+                            f'checkpoints written by these scripts load') from None
+        except Exception as e:
+            raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}): it is damaged; '
+                            f'start a fresh run') from None
+
+
+class StopSignals:
+    """SIGTERM (a cluster's preemption notice; torchrun stopping its workers), SIGUSR1 (SLURM's
+    --signal warning) and SIGINT (Ctrl-C) ask the loop to stop after the current iteration: it then
+    writes a checkpoint and exits with 128 + the signal number. A second Ctrl-C exits at once.
+
+    Under DDP the ranks agree on the iteration (one tiny all_reduce per iteration). A rank whose peer
+    died is stuck in a collective that never completes, where no Python handler runs; a watcher
+    thread, woken by the signal through set_wakeup_fd, exits the process when the ranks have not
+    agreed within GRACE_SECONDS (torchrun kills its workers 30 s after its SIGTERM). The last
+    checkpoint stays whole either way."""
+
+    GRACE_SECONDS = 20
+    SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1', 'SIGINT') if hasattr(signal, name))
+
+    def __init__(self, watch_peers):
+        self.signum, self.agreed_on, self.previous = 0, None, {}
+        if threading.current_thread() is not threading.main_thread():
+            return   # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self.handle)
+        if watch_peers:
+            read_end, write_end = socket.socketpair()
+            write_end.setblocking(False)
+            self.previous['wakeup'] = signal.set_wakeup_fd(write_end.fileno(), warn_on_full_buffer=False)
+            self.wakeup = (read_end, write_end)   # kept open for the life of the run
+            threading.Thread(target=self.watch, args=(read_end,), daemon=True).start()
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            print('interrupted again: exiting now; the last checkpoint is kept whole', file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = self.signum or signum
+
+    def watch(self, read_end):
+        first = read_end.recv(1)[0]
+        deadline = time.time() + self.GRACE_SECONDS
+        while self.agreed_on is None and time.time() < deadline:
+            time.sleep(0.1)
+        if self.agreed_on is None:
+            print(f'{signal.Signals(first).name}: the processes did not agree on a last iteration within '
+                  f'{self.GRACE_SECONDS} s (a peer is gone?); exiting, the last checkpoint is kept whole',
+                  file=sys.stderr, flush=True)
+            os._exit(128 + first)
+
+    def agreed(self, group=None):
+        """The signal any rank received (0: none); under DDP every rank gets the same answer."""
+        signum = self.signum
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([signum])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            signum = int(flag)
+        if signum:
+            self.agreed_on = signum
+        return signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            if sig == 'wakeup':
+                signal.set_wakeup_fd(handler)
+            else:
+                signal.signal(sig, handler)
+        self.previous = {}
+
+
+def write_generated(run, sample_each, n_classes=0):
+    """--generate N: N samples of the run's mixture in RUN/generated/all/, and for several generators N
+    of each in g<k>/ (the mixture interleaves these draws: equal shares), for a class-conditional run
+    N of each class in class<c>/ (classes uniform in all/). uint8 PNGs 000000.png, ... at the trained
+    size (grey or colour as trained); 2-D sets write all.npy and g<k>.npy. Drawn and written a batch
+    at a time. sample_each(m, classes) -> (K, m, ...) in [-1, 1]; classes is (m,) labels or None."""
+    n, chunk = run.args.generate, run.args.batch_size
+    root = os.path.join(run.out_dir, 'generated')
+    shutil.rmtree(root, ignore_errors=True)     # an earlier --generate's files, not a mix of both
+    os.makedirs(root)
+    device = run.device
+    plans = [('all', None)] + ([(f'class{c}', c) for c in range(n_classes)] if n_classes else [])
+    points, counts = {}, {}
+    for folder, label in plans:
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            if label is not None:
+                classes = torch.full((m,), label, device=device)
+            elif n_classes:
+                classes = torch.randint(n_classes, (m,), device=device)
+            else:
+                classes = None
+            with torch.no_grad():
+                each = sample_each(m, classes).float().cpu()   # (K, m, ...)
+            named = {folder: each.transpose(0, 1).flatten(0, 1)[:m] if folder == 'all' else each[0]}
+            if folder == 'all' and len(each) > 1:
+                named.update({f'g{k}': each[k] for k in range(len(each))})
+            for name, x in named.items():
+                if x.dim() == 2:   # 2-D points
+                    points.setdefault(name, []).append(x.numpy())
+                else:
+                    save_png_batch(os.path.join(root, name), x, counts.get(name, 0))
+                counts[name] = counts.get(name, 0) + len(x)
+    for name, parts in points.items():
+        np.save(os.path.join(root, f'{name}.npy'), np.concatenate(parts))
+    print(f'wrote {", ".join(f"{c} to {name}" for name, c in counts.items())} under {root} '
+          f'(from {os.path.basename(run.ckpt_file)}, iteration {run.start_iteration})', flush=True)
+    return counts
+
+
+def ensemble_sampler(generators, latent_dim, device):
+    """sample_each for write_generated: n samples of each of K ensemble generators, (K, n, ...), each
+    from its own noise, batch norm in train mode as in training, no side effects."""
+    def sample_each(n, classes=None):
+        with sampling(generators):
+            return generators(torch.randn(generators.n_gen, n, latent_dim, device=device))
+    return sample_each
+
+
+def save_png_batch(folder, images, first):
+    """images (B, C, H, W) in [-1, 1] -> folder/NNNNNN.png (uint8, grey or RGB), numbered from `first`."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    pixels = images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
+            os.path.join(folder, f'{first + i:06d}.png'))
+
+
+def tracked_figure(metrics, fid_on):
+    """(name, value) of the quality figure ckpt_best.pt follows, when `metrics` holds it: fid when FID
+    runs, else fd_digits (digits), else kl_uniform (2-D and stacked sets). Lower is better for all."""
+    for name in ('fid',) if fid_on else ('fd_digits', 'kl_uniform'):
+        if name in metrics:
+            return name, float(metrics[name])
+    return None
+
+
+def format_eta(seconds):
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s' if m else f'{s}s'
+
+
 def metric_value(value):
     """A float from a loss or metric (tensor, number); the only place the loop syncs to the host."""
     if torch.is_tensor(value):
@@ -675,6 +932,7 @@ class Run:
         self.args, self.script = args, script
         self.ddp = 'RANK' in os.environ or args.ddp
         self.rank, self.world_size, local_rank = 0, 1, 0
+        self.control_group = None   # a gloo group for host-side agreement (stop signals, best checkpoint)
         if self.ddp:
             use_cuda = args.device != 'cpu' and torch.cuda.is_available()
             if 'RANK' in os.environ:   # torchrun
@@ -684,8 +942,12 @@ class Run:
                                         world_size=1)
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             local_rank = int(os.environ.get('LOCAL_RANK', 0))
+            if use_cuda and 'RANK' in os.environ:
+                self.control_group = dist.new_group(backend='gloo')
         self.is_main = self.rank == 0
-        self.device = resolve_device(args.device, local_rank)
+        if args.generate and self.world_size > 1:
+            raise UserError('--generate runs in one process: start it with python, not torchrun')
+        self.device = resolve_device(args.device, local_rank, self.world_size)
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -693,37 +955,35 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.seed_everything(args.seed + self.rank)  # each rank draws different noise
 
-        # AMP: bf16 autocast on CPU and on GPUs that have it, else fp16 with a GradScaler.
-        bf16 = self.device.type == 'cpu' or cuda_has_native_bf16()
-        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.fp16_scaling = args.amp and not bf16
+        # AMP: bare --amp is bf16 on the CPU and on GPUs that have it, else fp16 with a GradScaler.
+        amp = {True: 'auto', False: None}.get(args.amp, args.amp)
+        if amp == 'auto':
+            amp = 'bf16' if self.device.type == 'cpu' or cuda_has_native_bf16() else 'fp16'
+        self.amp_dtype = torch.float16 if amp == 'fp16' else torch.bfloat16
+        self.fp16_scaling = amp == 'fp16'
         self.scalers = {}  # one GradScaler per optimizer (scaler_for), empty unless fp16
 
-        if args.fid_every:  # refuse before a run folder is made, not after
+        if args.fid_every and not args.generate:  # refuse before a run folder is made, not after
             fid = import_fid()
             try:
                 fid.check_weights(fid.resolve_weights(args.fid_weights))  # present and loadable
             except fid.FIDError as e:
                 raise UserError(str(e).replace('--weights', '--fid_weights'))
-        if args.resume:
-            folder = last_run_folder(script, args.dataset) if args.resume == 'last' else args.resume
-            if not os.path.exists(os.path.join(folder, 'ckpt.pt')):
-                raise UserError(f'--resume {args.resume}: no checkpoint {os.path.join(folder, "ckpt.pt")}; '
-                                f'pass a run folder that has one')
-            self.out_dir = folder
-        elif args.out_dir:
-            self.out_dir = args.out_dir
-        else:
-            self.out_dir = new_run_folder(script, args.dataset) if self.is_main else None
-        self.ckpt_path = os.path.join(self.out_dir, 'ckpt.pt') if self.out_dir else None
-        if self.is_main:
-            if not args.resume and (not args.out_dir or not os.path.exists(args.out_dir)):
+        self.out_dir, self.resuming = choose_run_folder(args, script, self.is_main)
+        self.checkpoints = CheckpointFiles(self.out_dir)
+        self.ckpt_path = self.checkpoints.path() if self.out_dir else None
+        self.ckpt_file = self.checkpoints.path(args.from_ckpt if args.generate else 'last') if self.out_dir else None
+        if self.is_main and not args.generate:
+            if not self.resuming and (not args.out_dir or not os.path.exists(args.out_dir)):
                 FRESH_RUN_FOLDER[:] = [self.out_dir]
             os.makedirs(os.path.join(self.out_dir, 'samples'), exist_ok=True)
-            if not args.resume:
+            if not self.resuming:
                 with open(os.path.join(self.out_dir, 'args.json'), 'w') as f:
                     json.dump(vars(args), f, indent=2)
-        self.rows, self.last_losses, self.event_files = [], {}, set()
+        self.stop = StopSignals(watch_peers=self.world_size > 1) if not args.generate else None
+        self.rows, self.last_losses, self.event_files, self.pending_events = [], {}, set(), {}
+        self.objects, self.saved_at, self.start_iteration = {}, None, 0
+        self.best = {}   # the tracked quality figure: {'metric', 'value', 'iteration'} once known
         self.start_time, self.wall_before = time.time(), 0.0
         self.tick, self.tick_iteration, self.tick_iteration_start = time.time(), 0, 0
         self.n_iters, self.per_epoch = 0, 1
@@ -764,7 +1024,7 @@ class Run:
         return model
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.args.amp))
 
     def step(self, loss, optimizer):
         """Backward and optimizer step, through the optimizer's GradScaler when fp16 needs one."""
@@ -798,51 +1058,81 @@ class Run:
         done = iteration + 1
         return done == self.n_iters or (interval > 0 and done % interval == 0)
 
-    # ---- checkpoints ----------------------------------------------------------------------
+    # ---- the loop and its checkpoints ----------------------------------------------------
 
-    def save_checkpoint(self, iteration, **objects):
-        """Atomically write nets, optimizers, scaler, every rank's RNG state and the iteration."""
+    def iterations(self, start):
+        """range(start, n_iters) for the training loop. After a SIGTERM, SIGUSR1 or SIGINT (under
+        DDP: on any rank, agreed by all) it stops after the iteration in flight: a checkpoint, one line
+        on how to continue, exit 128 + the signal number."""
+        for it in range(start, self.n_iters):
+            yield it
+            signum = self.stop.agreed(self.control_group) if self.stop else 0
+            if signum:
+                if self.saved_at != it:
+                    self.save_checkpoint(it)
+                if self.is_main:
+                    print(f'{signal.Signals(signum).name}: stopped after iteration {it + 1} of {self.n_iters}; '
+                          f'checkpoint {self.ckpt_path}. Continue with: python {self.script}.py --resume '
+                          f'{self.out_dir}', file=sys.stderr, flush=True)
+                self.close()
+                sys.exit(128 + signum)
+
+    def save_checkpoint(self, iteration, which='last', **objects):
+        """Atomically write the objects (by default those given to resume: nets, optimizers, ...), their
+        GradScalers, every rank's RNG state and the iteration to ckpt.pt (or ckpt_best.pt). Every rank
+        calls it; objects with a collect() (a view of rank-local state) gather it first."""
+        objects = objects or self.objects
+        for obj in objects.values():
+            if hasattr(obj, 'collect'):
+                obj.collect()
         rngs = [None] * self.world_size
         if self.ddp:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        if which == 'last':
+            self.saved_at = iteration
         if not self.is_main:
             return
         self.check_finite(iteration, nets=objects)  # never overwrite a good checkpoint with NaN
         state = {name: unwrap(obj).state_dict() for name, obj in objects.items()}
         scalers = {name: self.scalers[id(checkpointed(obj))].state_dict() for name, obj in objects.items()
                    if id(checkpointed(obj)) in self.scalers}
-        state.update(iteration=iteration + 1, scalers=scalers, rng=rngs,
+        state.update(iteration=iteration + 1, scalers=scalers, rng=rngs, best=self.checkpoints.best,
                      wall_seconds=self.wall_seconds(), world_size=self.world_size)
-        tmp = self.ckpt_path + '.tmp'
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)  # a kill before this line leaves the old checkpoint whole
+        self.checkpoints.write(state, which)
+        if which == 'last':
+            self.flush_events()
 
     def resume(self, **objects):
-        """Load the checkpoint named by --resume into `objects`; returns the first iteration to run.
-        Called just before the training loop, it also starts the it/s clock."""
+        """Name the objects a checkpoint holds (nets, optimizers, ...; save_checkpoint, a stop signal and
+        ckpt_best.pt write these) and, when resuming or generating, load them from the run's checkpoint.
+        Returns the first iteration to run; called just before the loop, it also starts the it/s clock."""
+        self.objects = objects
         self.tick = time.time()
-        if not self.args.resume:
+        if not self.resuming:
             return 0
-        try:
-            state = torch.load(self.ckpt_path, map_location='cpu', weights_only=False)  # RNG states stay
-            # on the CPU (set_rng_state needs them there); load_state_dict moves the rest
-        except Exception as e:
-            raise UserError(f'cannot read checkpoint {self.ckpt_path} ({type(e).__name__}): '
-                            f'it is damaged; start a fresh run')
-        if state['iteration'] >= self.n_iters:
+        state = self.checkpoints.read(self.args.from_ckpt if self.args.generate else 'last')
+        if state['iteration'] >= self.n_iters and not self.args.generate:
+            if self.args.resume == 'auto':   # a job script started again after the run ended
+                if self.is_main:
+                    print(f'{self.out_dir} is complete ({state["iteration"]} iterations): nothing to do', flush=True)
+                self.close()
+                sys.exit(0)
             raise UserError(f'--resume {self.args.resume}: the run already has {state["iteration"]} iterations; '
                             f'pass a larger --n_iters (or --n_epochs) to extend it')
         for name, obj in objects.items():
             if name not in state:
-                raise UserError(f'checkpoint {self.ckpt_path} has no {name!r}: it was written by '
+                raise UserError(f'checkpoint {self.ckpt_file} has no {name!r}: it was written by '
                                 f'another script or version')
             try:
                 unwrap(obj).load_state_dict(state[name])
             except (RuntimeError, ValueError, KeyError) as e:   # other sizes: other flags
-                raise UserError(f'checkpoint {self.ckpt_path}: its {name!r} does not fit this run '
+                raise UserError(f'checkpoint {self.ckpt_file}: its {name!r} does not fit this run '
                                 f'({str(e).splitlines()[0][:120]}); resume with the flags in args.json')
+        self.start_iteration = state['iteration']
+        if self.args.generate:   # sampling only: the seed's RNG, no clocks, no rows
+            return state['iteration']
         for name, scaler_state in state.get('scalers', {}).items():
             if self.fp16_scaling and name in objects:
                 self.scaler_for(checkpointed(objects[name])).load_state_dict(scaler_state)
@@ -850,10 +1140,28 @@ class Run:
             set_rng_state(state['rng'][self.rank])
         else:
             self.seed_everything(self.args.seed + self.rank + 7919 * state['iteration'])
+        self.checkpoints.best = state.get('best') or {}
         self.wall_before = state['wall_seconds']
         self.rows = [r for r in self.read_rows() if int(r['iteration']) <= state['iteration']]
         self.tick_iteration = self.tick_iteration_start = state['iteration']
         return state['iteration']
+
+    def from_rank0(self, value):
+        """Rank 0's float, on every rank (one host-side broadcast under DDP)."""
+        if not self.ddp:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, 0, group=self.control_group)
+        return float(t)
+
+    def close(self):
+        """Signal handlers back as they were, DDP torn down: the end of a run, or a stop."""
+        FRESH_RUN_FOLDER.clear()  # it holds results now
+        if self.stop:
+            self.stop.restore()
+        if self.ddp and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     # ---- logging and outputs --------------------------------------------------------------
 
@@ -861,32 +1169,38 @@ class Run:
         return self.wall_before + time.time() - self.start_time
 
     def write_events(self, name, rows):
-        """Append rows (dicts with an 'iteration'; tensors allowed, one column per element) to
-        <run folder>/<name>, for what happens more often than a log line (e.g. every auction). The
-        first write of a resumed run first drops the file's rows past the checkpoint (redone now)."""
-        if not self.is_main or not rows:
-            return
-        path = os.path.join(self.out_dir, name)
-        flat = []
-        for row in rows:
-            out = {}
-            for key, value in row.items():
-                value = metric_value(value)
-                columns = enumerate(value) if isinstance(value, list) else [(None, value)]
-                out.update({key if i is None else f'{key}_{i}': v for i, v in columns})
-            flat.append(out)
-        if name not in self.event_files:
-            self.event_files.add(name)
-            kept = []
-            if self.args.resume and os.path.exists(path):
-                with open(path) as f:
-                    kept = [r for r in csv.DictReader(f) if int(r['iteration']) <= self.tick_iteration_start]
-            with open(path, 'w', newline='') as f:
-                writer = csv.DictWriter(f, list(flat[0]))
-                writer.writeheader()
-                writer.writerows(kept)
-        with open(path, 'a', newline='') as f:
-            csv.DictWriter(f, list(flat[0])).writerows(flat)
+        """Rows for <run folder>/<name> (dicts with an 'iteration'; tensors allowed, one column per
+        element), for what happens more often than a log line (e.g. every auction). Kept in memory
+        (no host sync per event) and appended at every log line, checkpoint and stop."""
+        if self.is_main and rows:
+            self.pending_events.setdefault(name, []).extend(rows)
+
+    def flush_events(self):
+        """Append the pending event rows; the first write of a resumed run first drops the file's
+        rows past the checkpoint (they are redone now)."""
+        for name, rows in self.pending_events.items():
+            path = os.path.join(self.out_dir, name)
+            flat = []
+            for row in rows:
+                out = {}
+                for key, value in row.items():
+                    value = metric_value(value)
+                    columns = enumerate(value) if isinstance(value, list) else [(None, value)]
+                    out.update({key if i is None else f'{key}_{i}': v for i, v in columns})
+                flat.append(out)
+            if name not in self.event_files:
+                self.event_files.add(name)
+                kept = []
+                if self.resuming and os.path.exists(path):
+                    with open(path) as f:
+                        kept = [r for r in csv.DictReader(f) if int(r['iteration']) <= self.tick_iteration_start]
+                with open(path, 'w', newline='') as f:
+                    writer = csv.DictWriter(f, list(flat[0]))
+                    writer.writeheader()
+                    writer.writerows(kept)
+            with open(path, 'a', newline='') as f:
+                csv.DictWriter(f, list(flat[0])).writerows(flat)
+        self.pending_events = {}
 
     def read_rows(self):
         path = os.path.join(self.out_dir, 'metrics.csv')
@@ -909,8 +1223,9 @@ class Run:
     def check_finite(self, iteration, nets=None):
         """Stop with one line when a logged loss, or a weight of `nets`, is NaN/inf."""
         bad = [f'{k} loss' for k, v in self.last_losses.items() if not np.all(np.isfinite(v))]
-        bad += [f'{name} weights' for name, net in (nets or {}).items() if isinstance(unwrap(net), nn.Module)
-                and not all(torch.isfinite(p).all() for p in unwrap(net).parameters())]
+        modules = {name: unwrap(checkpointed(net)) for name, net in (nets or {}).items()}  # views too
+        bad += [f'{name} weights' for name, net in modules.items() if isinstance(net, nn.Module)
+                and not all(torch.isfinite(p).all() for p in net.parameters())]
         if bad:
             kept = (f'the last good checkpoint is {self.ckpt_path}' if os.path.exists(self.ckpt_path or '')
                     else 'no checkpoint was written yet')
@@ -926,6 +1241,9 @@ class Run:
         now = time.time()
         speed = (done - self.tick_iteration) / max(now - self.tick, 1e-9)
         self.tick, self.tick_iteration = now, done
+        figure = tracked_figure(metrics, self.args.fid_every)
+        if figure and self.checkpoints.improves(figure[0], self.from_rank0(figure[1]), done):
+            self.save_checkpoint(iteration, which='best')   # every rank: it may gather state
         if not self.is_main:
             self.check_finite(iteration)
             return
@@ -948,7 +1266,9 @@ class Run:
             values = value if isinstance(value, list) else [value]
             parts.append(f'[{"FID" if name == "fid" else name}: {" ".join(f"{v:.4g}" for v in values)}]')
         parts.append(f'[{speed:.1f} it/s]')
+        parts.append(f'[ETA {format_eta((self.n_iters - done) / max(speed, 1e-9))}]')
         print(' '.join(parts), flush=True)
+        self.flush_events()
         self.check_finite(iteration)
 
     def save_samples(self, iteration, samples, data=None):
@@ -965,15 +1285,16 @@ class Run:
         summary = {'iterations': iteration + 1, 'wall_seconds': round(self.wall_seconds(), 2)}
         summary.update({f'final_{k}': v for k, v in self.last_losses.items()})
         summary.update({k: metric_value(v) for k, v in (metrics or {}).items()})
+        if self.checkpoints.best:   # the state kept in ckpt_best.pt
+            summary.update({f'best_{self.checkpoints.best["metric"]}': self.checkpoints.best['value'],
+                            'best_iteration': self.checkpoints.best['iteration']})
         if self.is_main:
+            self.flush_events()
             with open(os.path.join(self.out_dir, 'summary.json'), 'w') as f:
                 json.dump(summary, f, indent=2)
             plot_metrics(os.path.join(self.out_dir, 'metrics.csv'), os.path.join(self.out_dir, 'metrics.png'))
             print(f'done: {self.out_dir} ' + ' '.join(f'{k}={fmt(v)}' for k, v in summary.items()), flush=True)
-        FRESH_RUN_FOLDER.clear()  # it holds results now
-        if self.ddp:
-            dist.barrier()
-            dist.destroy_process_group()
+        self.close()
         return summary
 
 
@@ -1182,6 +1503,8 @@ class Evaluator:
         self.data, self.device, self.n, self.seed = data, device, args.eval_samples, args.seed
         self.eval_interval, self.fid_every = args.eval_interval, args.fid_every
         self.classifier, self.fid_tracker = None, None
+        if args.generate:   # --generate computes no metrics: no classifier to train, no FID statistics
+            return
         if args.fid_every:
             self.fid_tracker = make_fid_tracker(data, args, device)
         base = {'digits': 'digits', 'stacked-digits': 'digits', 'stacked-mnist': 'mnist'}.get(data.name)

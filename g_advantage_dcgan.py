@@ -85,7 +85,7 @@ def frozen(net):
 
 
 def main():
-    args = parser.parse_args()
+    args = common.parse_args(parser)
     R = Fraction(args.g_advantage).limit_denominator(1000)
     run = common.Run(args, 'g_advantage_dcgan')
     data = run.load_data()
@@ -106,11 +106,14 @@ def main():
     fixed_z = torch.randn(64, args.latent_dim, device=run.device)
     start = run.resume(generator=generator_raw, discriminator=discriminator_raw, opt_G=opt_G, opt_D=opt_D)
 
+    if args.generate:   # --generate N: samples from the checkpoint, no training
+        return common.write_generated(run, common.ensemble_sampler(generator_raw, args.latent_dim, run.device))
+
     def sample_fn(n):
         return common.sample_generators(generator_raw, n, args.latent_dim, args.batch_size, run.device)
 
     metrics, balance = {}, {}
-    for it in range(start, run.n_iters):
+    for it in run.iterations(start):
         real, _ = batches.get(it)
         B = len(real)
 

@@ -174,7 +174,7 @@ class PerGenerator:
     def __init__(self, obj, owned, n_gen, ddp):
         self.obj, self.owned, self.n_gen, self.ddp, self.states = obj, owned, n_gen, ddp, None
 
-    def collect(self):   # every rank calls this before run.save_checkpoint
+    def collect(self):   # every rank: run.save_checkpoint calls it
         cpu = lambda t: t.detach().cpu() if torch.is_tensor(t) else t
         mine = dict(zip(self.owned, split_members(self.obj.state_dict(), len(self.owned))))
         mine = {k: _tree_map(cpu, s) for k, s in mine.items()}
@@ -244,7 +244,7 @@ def check_args(args, world_size):
 
 
 def main():
-    args = parser.parse_args()
+    args = common.parse_args(parser)
     if args.n_epochs is None:
         args.n_epochs = DEFAULT_EPOCHS.get(args.dataset, 20)
     if not args.width:
@@ -279,6 +279,8 @@ def main():
     n_fixed = max(50, 2500 // K) if data.is_2d else 10
     fixed_z = torch.randn(K, n_fixed, args.latent_dim, generator=fixed)[owned].to(run.device)
     start = run.resume(generators=g_ckpt, opt_G=opt_ckpt, dc=dc_raw, opt_DC=opt_DC, balance=slots)
+    if args.generate:   # --generate N: samples from the checkpoint, no training (one process)
+        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
     if run.is_main:
         print(f'pmgan: K={K} generators, {m} fake samples each per step; '
               + '; '.join(f'rank {r}: generators {list(range(r, K, W))}' for r in range(W)), flush=True)
@@ -295,7 +297,7 @@ def main():
         return sample_fn(n * W)[run.rank::W]
 
     metrics = {}
-    for it in range(start, run.n_iters):
+    for it in run.iterations(start):
         real, _ = batches.get(it)
         B = len(real)
         z = torch.randn(len(owned), m, args.latent_dim, device=run.device)
@@ -349,8 +351,6 @@ def main():
                 grid = gather_generators(generators_raw(fixed_z), run, K)   # one row / colour each
             run.save_samples(it, grid, data)
         if run.due(it, args.ckpt_interval):
-            g_ckpt.collect()
-            opt_ckpt.collect()
             run.save_checkpoint(it, generators=g_ckpt, opt_G=opt_ckpt, dc=dc_raw, opt_DC=opt_DC, balance=slots)
     run.finish(run.n_iters - 1, {**slots.values, **metrics})   # final beta, J^D, J^C too
 

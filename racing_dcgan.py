@@ -80,7 +80,7 @@ def bce(logits, target):
 
 
 def main():
-    args = parser.parse_args()
+    args = common.parse_args(parser)
     common.check_image_size(args.img_size)  # before any run folder is made
     if args.dataset in common.TOY_SETS:
         raise common.UserError(f'racing_dcgan.py needs an image data set, not the 2-D {args.dataset}: '
@@ -104,11 +104,14 @@ def main():
     fixed_z = torch.randn(10, args.latent_dim, device=run.device)
     start = run.resume(generators=generators_raw, discriminator=discriminator_raw, opt_G=opt_G, opt_D=opt_D)
 
+    if args.generate:   # --generate N: samples from the checkpoint, no training
+        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
+
     def sample_fn(n):  # the uniform mixture of the K generators, for the quality metrics
         return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
 
     metrics = {}
-    for it in range(start, run.n_iters):
+    for it in run.iterations(start):
         real, _ = batches.get(it)
         real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(len(real), args.latent_dim, device=run.device)

@@ -71,7 +71,7 @@ def complete_args(args):
 
 
 def main():
-    args = complete_args(parser.parse_args())
+    args = complete_args(common.parse_args(parser))
     run = common.Run(args, 'racing_wgan')
     data = run.load_data()
     batches = run.batches(data)
@@ -88,12 +88,15 @@ def main():
     fixed_z = torch.randn(500 if data.is_2d else 10, args.latent_dim, device=run.device)
     start = run.resume(generators=generators_raw, critic=critic_raw, opt_G=opt_G, opt_D=opt_D)
 
+    if args.generate:   # --generate N: samples from the checkpoint, no training
+        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
+
     def sample_fn(n):  # the uniform mixture of the K generators, for the quality metrics
         return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
 
     loss_G = race = None  # logged from the first generator step on (a resume may land between two)
     metrics = {}
-    for it in range(start, run.n_iters):
+    for it in run.iterations(start):
         real, _ = batches.get(it)
         B = len(real)
         z = torch.randn(B, args.latent_dim, device=run.device)

@@ -86,10 +86,12 @@ import sys, torch, common
 sys.path.insert(0, {repo!r})
 module = __import__({name!r})
 save = common.Run.save_checkpoint
-def save_and_dump(self, iteration, **objects):
+def save_and_dump(self, iteration, which='last', **objects):
     """Also write this rank's own copy of every checkpointed object to rank<R>.pt."""
-    torch.save({{k: common.unwrap(v).state_dict() for k, v in objects.items()}}, f'rank{{self.rank}}.pt')
-    save(self, iteration, **objects)
+    save(self, iteration, which, **objects)
+    if which == 'last':
+        states = {{k: common.unwrap(v).state_dict() for k, v in (objects or self.objects).items()}}
+        torch.save(states, f'rank{{self.rank}}.pt')
 common.Run.save_checkpoint = save_and_dump
 common.run_main(module.main)
 '''
