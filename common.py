@@ -43,7 +43,8 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run `main()`; turn a UserError into one line and a non-zero exit."""
+    """Run `main()`; turn a UserError into one line and a non-zero exit, and so a collective that
+    broke because another process of the job died (torchrun then restarts the group)."""
     try:
         main()
     except UserError as e:
@@ -51,6 +52,20 @@ def run_main(main):
             print(f'error: {e}', file=sys.stderr)
         discard_unused_run_folder()
         sys.exit(2)
+    except RuntimeError as e:
+        if not (dist.is_available() and dist.is_initialized() and is_peer_failure(e)):
+            raise
+        print(f'error: rank {dist.get_rank()}: another process of the job failed ({str(e).strip()[:160]}); the '
+              f'last checkpoint is kept whole: torchrun --max_restarts N with --resume auto continues from it',
+              file=sys.stderr, flush=True)
+        os._exit(1)   # no interpreter teardown: destroying a process group with a dead peer can hang
+
+
+def is_peer_failure(error):
+    """A collective that failed because a peer process is gone (gloo: the connection closed)."""
+    text = str(error)
+    return any(w in text for w in ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe',
+                                   'NCCL communicator was aborted', 'ProcessGroupNCCL'))
 
 
 FRESH_RUN_FOLDER = []  # the run folder this process made, until training writes into it
@@ -658,6 +673,22 @@ def rank_zero_first():
             dist.barrier()
 
 
+def init_torchrun_group(backend):
+    """The process group torchrun's environment describes, its store keys prefixed by the restart
+    attempt. After `torchrun --max_restarts` restarts a group, the agent's store still holds the dead
+    workers' addresses under the same keys, and a new rank can read one and fail to connect (seen
+    with torch 2.14 and gloo); each attempt's own prefix keeps them apart."""
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if attempt is None:   # not torchrun's elastic agent: plain env://
+        return dist.init_process_group(backend)
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    agent_serves = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
+                          is_master=rank == 0 and not agent_serves)
+    dist.init_process_group(backend, store=dist.PrefixStore(f'attempt_{attempt}', store), rank=rank,
+                            world_size=world_size)
+
+
 def cuda_has_native_bf16():
     """bf16 in hardware (Ampere and later); torch's default also counts slow emulation (V100, T4),
     where fp16 with a GradScaler is the right choice."""
@@ -850,26 +881,31 @@ def write_generated(run, sample_each, n_classes=0):
     device = run.device
     plans = [('all', None)] + ([(f'class{c}', c) for c in range(n_classes)] if n_classes else [])
     points, counts = {}, {}
+
+    def write(name, x):
+        if x.dim() == 2:   # 2-D points
+            points.setdefault(name, []).append(x.numpy())
+        else:
+            save_png_batch(os.path.join(root, name), x, counts.get(name, 0))
+        counts[name] = counts.get(name, 0) + len(x)
+
     for folder, label in plans:
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             if label is not None:
                 classes = torch.full((m,), label, device=device)
-            elif n_classes:
-                classes = torch.randint(n_classes, (m,), device=device)
             else:
-                classes = None
+                classes = torch.randint(n_classes, (m,), device=device) if n_classes else None
             with torch.no_grad():
                 each = sample_each(m, classes).float().cpu()   # (K, m, ...)
-            named = {folder: each.transpose(0, 1).flatten(0, 1)[:m] if folder == 'all' else each[0]}
-            if folder == 'all' and len(each) > 1:
-                named.update({f'g{k}': each[k] for k in range(len(each))})
-            for name, x in named.items():
-                if x.dim() == 2:   # 2-D points
-                    points.setdefault(name, []).append(x.numpy())
-                else:
-                    save_png_batch(os.path.join(root, name), x, counts.get(name, 0))
-                counts[name] = counts.get(name, 0) + len(x)
+            if folder != 'all' or len(each) == 1:
+                write(folder, each[0])
+                continue
+            for k in range(len(each)):
+                write(f'g{k}', each[k])
+            # all/ item i is g<i mod K>'s item i // K: the first N of the interleaved streams
+            mixed = each.transpose(0, 1).flatten(0, 1)
+            write('all', mixed[:n - counts.get('all', 0)])
     for name, parts in points.items():
         np.save(os.path.join(root, f'{name}.npy'), np.concatenate(parts))
     print(f'wrote {", ".join(f"{c} to {name}" for name, c in counts.items())} under {root} '
@@ -936,7 +972,11 @@ class Run:
         if self.ddp:
             use_cuda = args.device != 'cpu' and torch.cuda.is_available()
             if 'RANK' in os.environ:   # torchrun
-                dist.init_process_group('nccl' if use_cuda else 'gloo')
+                try:
+                    init_torchrun_group('nccl' if use_cuda else 'gloo')
+                except RuntimeError as e:  # e.g. a restarted group whose peer is not up (torchrun retries)
+                    raise UserError(f'could not connect to the other processes of the job '
+                                    f'({str(e).strip().splitlines()[0][:160]})') from None
             else:                      # --ddp alone: a one-process group, the DDP code path on one device
                 dist.init_process_group('nccl' if use_cuda else 'gloo', store=dist.HashStore(), rank=0,
                                         world_size=1)
