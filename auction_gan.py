@@ -1,7 +1,9 @@
-"""Auction-inspired multi-GAN training (Shim, Choe & Kim; seed 002): N GANs that score each other.
+"""Auction-inspired multi-GAN training (Shim, Choe & Kim, "A Study on Auction-Inspired Multi-GAN
+Training"): N GANs that score each other.
 
 N independent pairs (G_i, D_i) train side by side (Algorithm 1). Every iteration each pair takes its
-ordinary GAN step. Every --auction_every iterations an auction follows: each G_i offers a lot I^i of
+ordinary GAN step (with --n_critic k > 1, an iteration is k critic steps and one generator step).
+Every --auction_every iterations an auction follows the generator step: each G_i offers a lot I^i of
 --lot_size samples, every D_j bids on every lot, X^{ij} = mean_k D_j(I^i_k) (a probability for
 --loss gan, a critic value for --loss wgan), and pair i scores
     S(i) = 1/(N-1) sum_{j != i} X^{ij}  -  1/(N-1) sum_{j != i} X^{ji}
@@ -12,6 +14,13 @@ moves towards D_b's outputs on real data and on G_i's samples,
 while D_b (parameters and optimizer state) and every generator stay untouched. The N x N bids are
 one batched call: the N discriminators are one module and each sees all N lots. --no_auction trains
 the N pairs independently, everything else identical.
+
+--bid_norm standard: a WGAN critic's values carry an offset the WGAN loss does not constrain. With
+X^{ij} = q_i + c_j (c_j critic j's offset), S(i) = q_i - mean q_{-i} + mean c_{-i} - c_i: the pair
+whose critic has the lowest offset wins, and the auxiliary MSE pulls every critic towards that
+offset. `standard` expresses every critic output D_j(.) as (D_j(.) - mu_j) / sigma_j, mu_j and
+sigma_j the mean and std of D_j on the auxiliary step's real batch X (no gradient through them),
+for the bids and for both sides of the auxiliary MSE. `none` (default) is the paper's raw values.
 
     python auction_gan.py                                          # ring8, 6 vanilla GANs
     python auction_gan.py --dataset grid25 --loss wgan --gp 0.1    # 6 WGAN-GPs on grid25
@@ -31,15 +40,23 @@ parser.add_argument('--n_gans', type=common.positive_int, default=6, help='numbe
 parser.add_argument('--loss', choices=('gan', 'wgan'), default='gan', help='vanilla GAN or WGAN pairs')
 parser.add_argument('--lot_size', type=common.positive_int, default=32,
                     help='samples per lot; also m, the auxiliary step\'s real and fake batch (its Z are the lots)')
-parser.add_argument('--auction_every', type=common.positive_int, default=1, help='iterations between auctions')
+parser.add_argument('--auction_every', type=common.positive_int, default=1,
+                    help='iterations of Algorithm 1 (one generator step each) between auctions')
 parser.add_argument('--no_auction', action='store_true', help='N independent GANs (the baseline)')
 parser.add_argument('--width', type=common.positive_int, default=None,
                     help='net width: MLP hidden units on 2-D sets (default 128), DCGAN ngf = ndf on images (64)')
 parser.add_argument('--n_critic', type=common.positive_int, default=None,
                     help='D steps per G step (default 1 for gan, 5 for wgan)')
-parser.add_argument('--clip_value', type=float, default=0.01, help='wgan critic weight clipping (when --gp is 0)')
-parser.add_argument('--gp', type=float, default=0.0, help='wgan gradient penalty weight (0 = weight clipping)')
+parser.add_argument('--clip_value', type=common.positive_float, default=0.01,
+                    help='wgan critic weight clipping (when --gp is 0)')
+parser.add_argument('--gp', type=common.non_negative_float, default=0.0,
+                    help='wgan gradient penalty weight (0 = weight clipping)')
+parser.add_argument('--bid_norm', choices=('none', 'standard'), default='none',
+                    help='none: raw D values (the paper); standard: each D_j\'s values standardised by '
+                         'its mean and std on the auxiliary real batch, in bids and auxiliary targets')
 parser.set_defaults(lr=None, n_epochs=None, sample_interval=1000, log_interval=100)
+common.describe_default(parser, '--lr', '5e-5 (RMSprop) for --loss wgan with weight clipping, else 2e-4 (Adam)')
+common.describe_default(parser, '--n_epochs', '25 on images; 2-D sets run 5,000 iterations')
 
 
 def d_value(logits, loss):
@@ -70,19 +87,38 @@ def gradient_penalty(critics, real, fakes):
     return ((grad.flatten(2).norm(2, dim=2) - 1) ** 2).mean(1)
 
 
-def bid_matrix(discriminators, lots, loss):
+def bid_matrix(discriminators, lots, loss, real=None):
     """All N x N bids in one call. lots (N_i, L, ...): every D_j sees all N * L items.
 
-    Returns X (N_i, N_j) with X[i, j] = X^{ij} = mean_k D_j(I^i_k), and the item bids (N_j, N_i, L).
+    Returns X (N_i, N_j) with X[i, j] = X^{ij} = mean_k D_j(I^i_k), the item bids (N_j, N_i, L), and
+    the standardisation (mu, sigma) (N_j,) of each D_j, or None. With a real batch (--bid_norm
+    standard) the same call also shows every D_j the real batch, and every value D_j(.) becomes
+    (D_j(.) - mu_j) / sigma_j with mu_j, sigma_j D_j's mean and std over that real batch: a constant
+    added to D_j's outputs then changes no bid and no score.
     """
     n, lot_size = lots.shape[:2]
-    items = d_value(discriminators(lots.flatten(0, 1)).float(), loss).view(n, n, lot_size)
-    return items.mean(2).t(), items
+    items = lots.flatten(0, 1) if real is None else torch.cat([lots.flatten(0, 1), real.to(lots.dtype)])
+    values = d_value(discriminators(items).float(), loss)                # (N_j, N_i * L [+ B])
+    scale = None
+    if real is not None:
+        on_real = values[:, n * lot_size:]
+        scale = on_real.mean(1), on_real.std(1, unbiased=False).clamp_min(1e-6)
+        values = standardise(values[:, :n * lot_size], scale)
+    items = values.view(n, n, lot_size)
+    return items.mean(2).t(), items, scale
+
+
+def standardise(values, scale):
+    """(D_j(.) - mu_j) / sigma_j for values (N_j, ...) of the N discriminators; scale None: unchanged."""
+    if scale is None:
+        return values
+    mu, sigma = (t.view(-1, *[1] * (values.dim() - 1)) for t in scale)
+    return (values - mu) / sigma
 
 
 def auction_scores(X):
-    """S(i) = 1/(N-1) sum_{j != i} X^{ij} - 1/(N-1) sum_{j != i} X^{ji} (seed 002, score S(i)).
-    The diagonal X^{ii} is in both sums and cancels."""
+    """S(i) = 1/(N-1) sum_{j != i} X^{ij} - 1/(N-1) sum_{j != i} X^{ji} (the paper's score S(i),
+    section 2). The diagonal X^{ii} is in both sums and cancels."""
     return (X.sum(1) - X.sum(0)) / (len(X) - 1)
 
 
@@ -108,16 +144,19 @@ def untouched(tensors, b):
             t.index_copy_(0, b, s)
 
 
-def auxiliary_step(critics, critics_raw, opt_D, real, lots, item_bids, b, loss, run):
+def auxiliary_step(critics, critics_raw, opt_D, real, lots, item_bids, b, loss, run, scale=None):
     """Algorithm 2 for every pair i != b: D_i moves towards the best discriminator D_b's outputs.
 
     real (B, ...) shown to every D_i; lots (N, L, ...) with D_i judging its own G_i's lot; item_bids
-    (N_j, N_i, L) from the auction, so D_b's values on every lot are item_bids[b]. Returns L_aux (N,).
+    (N_j, N_i, L) from the auction, so D_b's values on every lot are item_bids[b]; scale: the
+    auction's (mu, sigma) per D (--bid_norm standard), so both sides of each MSE are standardised
+    values, each D by its own mu, sigma (fixed, no gradient). Returns L_aux (N,).
     """
     n = len(lots)
     with run.autocast():
         on_real = d_value(critics(real).float(), loss)          # (N, B): D_i(X)
         on_fake = d_value(critics(lots).float(), loss)          # (N, L): D_i(G_i(Z))
+    on_real, on_fake = standardise(on_real, scale), standardise(on_fake, scale)
     ref_real = on_real.detach().index_select(0, b)              # (1, B): sg(D_b(X))
     ref_fake = item_bids.index_select(0, b)[0]                  # (N, L): sg(D_b(G_i(Z)))
     l_real = ((on_real - ref_real) ** 2).mean(1)                # L_real = 1/m sum (D(x) - D*(x))^2
@@ -161,6 +200,9 @@ def main():
         raise common.UserError(f'--n_gans {args.n_gans} leaves no other pair to bid: use --n_gans 2 or more')
     if args.gp and args.loss != 'wgan':
         raise common.UserError('--gp is a WGAN critic penalty: add --loss wgan, or drop --gp')
+    if args.bid_norm == 'standard' and args.lot_size < 2:
+        raise common.UserError('--bid_norm standard needs a std over the real batch of --lot_size samples: '
+                               'use --lot_size 2 or more')
     if args.dataset not in common.TOY_SETS:
         common.check_image_size(args.img_size)
     if args.n_iters is None and args.n_epochs is None:    # defaults: 5,000 iterations on 2-D, 25 epochs on images
@@ -201,14 +243,21 @@ def main():
         per_pair = [evaluator.offline_metrics(lambda n, s=s: s[:n]) for s in samples]
         return {f'pair_{k}': [m[k] for m in per_pair] for k in per_pair[0]}
 
-    def auction(lots_z):
+    def draw_auction():
+        """Noise for the N lots, and the auxiliary step's real batch X (m = L samples)."""
+        lots_z = torch.randn(N, L, args.latent_dim, device=run.device)
+        real_aux, _ = data.batch(torch.randint(len(data), (L,), device=data.x.device))
+        return lots_z, real_aux
+
+    def auction(lots_z, real_aux):
         """Lots from every G_i, the N x N bids (all ranks agree on them), the scores, the winner."""
         with common.sampling(generators_raw), run.autocast():
             lots = generators_raw(lots_z)                                   # (N, L, ...): lot I^i of G_i
-            X, item_bids = bid_matrix(critics_raw, lots, args.loss)
+            X, item_bids, scale = bid_matrix(critics_raw, lots, args.loss,
+                                             real_aux if args.bid_norm == 'standard' else None)
         X = run.all_reduce_mean(X)
         S = auction_scores(X)
-        return lots, item_bids, X, S, S.argmax().view(1)
+        return lots, item_bids, scale, X, S, S.argmax().view(1)
 
     loss_D = loss_aux = S = torch.zeros(N, device=run.device)
     loss_G = None  # logged from the first generator step on (a resume may land between two)
@@ -240,11 +289,14 @@ def main():
             run.step(loss_G.sum(), opt_G)
 
         # ---- auction and auxiliary step for every pair but the winner (Algorithm 2) -----------
-        if not args.no_auction and (it + 1) % args.auction_every == 0:
-            lots, item_bids, X, S, winner = auction(torch.randn(N, L, args.latent_dim, device=run.device))
-            real_aux, _ = data.batch(torch.randint(len(data), (L,), device=data.x.device))   # X, m = L
+        # once per iteration of Algorithm 1 (n_critic critic steps and a generator step), after
+        # the generator step
+        full_iterations = it // args.n_critic + 1
+        if not args.no_auction and g_step and full_iterations % args.auction_every == 0:
+            lots_z, real_aux = draw_auction()
+            lots, item_bids, scale, X, S, winner = auction(lots_z, real_aux)
             loss_aux = auxiliary_step(critics, critics_raw, opt_D, real_aux, lots, item_bids, winner,
-                                      args.loss, run)
+                                      args.loss, run, scale)
             wins.count.index_add_(0, winner, torch.ones(1, device=run.device))
             auction_rows.append({'iteration': it + 1, 'winner': winner[0], 'S': S})   # auctions.csv
             if clipping:
@@ -259,7 +311,7 @@ def main():
         if logging:
             if args.no_auction:  # the auction as a bystander: fixed lots, no effect on training
                 with evaluator.fixed_rng():
-                    _, _, X, S, winner = auction(torch.randn(N, L, args.latent_dim, device=run.device))
+                    _, _, _, X, S, winner = auction(*draw_auction())
             off_diagonal = X.sum() - X.diagonal().sum()
             auction_log = {'S': S, 'winner': winner[0], 'wins': wins.count, 'bid_self': X.diagonal().mean(),
                            'bid_other': off_diagonal / (N * (N - 1))}

@@ -1,7 +1,9 @@
-"""BigGAN techniques with spectral norm (Iyengar, Pandey, Mehta; seed 004), and SN-DCGAN.
+"""BigGAN techniques with spectral norm (Iyengar, Pandey & Mehta, "Exploring Generative Adversarial
+Networks: Improving training techniques"), and SN-DCGAN.
 
---arch biggan (default), after Brock et al.'s BigGAN at 32, 64 or 128 px: residual up-blocks in G
-with class-conditional BatchNorm (gains and biases linear in [shared class embedding, z chunk]), a
+--arch biggan (default), after BigGAN (Brock, Donahue & Simonyan 2019, "Large Scale GAN Training for
+High Fidelity Natural Image Synthesis") at 32, 64 or 128 px: residual up-blocks in G with
+class-conditional BatchNorm (gains and biases linear in [shared class embedding, z chunk]), a
 hierarchical latent (z split into one chunk for the first layer and one per block), a self-attention
 block at --attn_res, residual down-blocks in D with global sum pooling and a projection term, spectral
 norm on every conv and linear layer (torch.nn.utils.parametrizations), orthogonal initialisation,
@@ -9,18 +11,31 @@ hinge loss, TTUR (G 1e-4, D 4e-4, betas (0, 0.999)), --d_steps D steps per G ste
 regularisation of G (--ortho_reg), the truncation trick (--truncation) and an EMA of G (--ema).
 Class-conditional when the data set has labels, unconditional otherwise.
 
-  L_D = E relu(1 - D(x, y)) + E relu(1 + D(G(z, y'), y'))       (seed eq. 1, hinge)
-  L_G = -E D(G(z, y'), y') + beta * sum_W ||W W^T * (1 - I)||_F^2 (seed eq. 2, and R_beta of 1.1.10)
+  L_D = E relu(1 - D(x, y)) + E relu(1 + D(G(z, y'), y'))       (eq. 1, hinge)
+  L_G = -E D(G(z, y'), y') + beta/2 * sum_W ||W W^T * (1 - I)||_F^2
+        (eq. 2, plus the orthogonal regularisation R_beta of section 1.1.10 in BigGAN's code
+        convention: its gradient is 2 beta (W W^T * (1 - I)) W, as BigGAN-PyTorch's utils.ortho
+        applies it; the formula beta ||.||_F^2 as printed has twice that gradient)
 
---arch sndcgan: the Radford DCGAN with spectral norm on every conv (no batch norm in D), 32 to 128 px,
---dropout in D after every conv but the first and last (default 0.5 at 128 px, the seed's fix),
-trained as the seed did: BCE from logits, Adam 2e-4 for both, betas (0.5, 0.999), one D step.
+Samples (grids, the truncation sheet, metrics) are G's (the EMA's with --ema) in eval mode with
+BigGAN's standing statistics: every batch-norm layer's mean and variance averaged over
+--standing_stats batches of z ~ N(0, I) and random classes (the z G is trained on), so batch norm
+does not re-standardise a truncated z (in train mode, batch statistics of the truncated batch undo
+much of the truncation). G's own batch-norm buffers are left as training left them.
+
+--arch sndcgan: the Radford DCGAN with spectral norm on every conv, 32 to 128 px, as the paper's
+authors built it: D's blocks after the first are SN conv -> BatchNorm -> Dropout2d -> LeakyReLU
+(--no-d_bn drops the batch norm), --dropout the channel dropout rate (default 0.5 at 128 px, the
+paper's fix there, else 0), real and fake in separate D calls (batch norm), trained as the paper did:
+BCE from logits, Adam 2e-4 for both, betas (0.5, 0.999), one D step.
 
     python biggan_sn.py                                  # conditional BigGAN on digits, 32 px, CPU
     python biggan_sn.py --arch sndcgan                   # SN-DCGAN on digits
     python biggan_sn.py --dataset cifar10 --img_size 32 --ch 64 --ema --fid_every 5000
     torchrun --nproc_per_node 4 biggan_sn.py --sync_bn   # DDP with cross-replica BN (GPUs)
 """
+import argparse
+import contextlib
 import copy
 
 import torch
@@ -34,23 +49,37 @@ parser = common.base_parser(__doc__)
 a = parser.add_argument
 a('--arch', choices=('biggan', 'sndcgan'), default='biggan', help='network family')
 a('--ch', type=common.positive_int, default=None, help='width: BigGAN ch (default 8), SN-DCGAN ngf = ndf (16)')
-a('--attn_res', type=int, default=16, help='biggan: resolution of the self-attention block (0 = none)')
+a('--attn_res', type=common.non_negative_int, default=16,
+  help='biggan: resolution of the self-attention block (0 = none)')
 a('--shared_dim', type=common.positive_int, default=128, help='biggan: size of the shared class embedding')
 a('--loss', choices=('hinge', 'bce'), default=None, help='GAN loss (default: hinge for biggan, bce for sndcgan)')
-a('--lr_D', type=float, default=None, help="D's learning rate; --lr is G's (default: TTUR 4e-4 and 1e-4 for "
-  'biggan, 2e-4 and 2e-4 for sndcgan)')
+a('--lr_D', type=common.positive_float, default=None, help="D's learning rate; --lr is G's (default: TTUR 4e-4 "
+  'and 1e-4 for biggan, 2e-4 and 2e-4 for sndcgan)')
 a('--d_steps', type=common.positive_int, default=None, help='D steps per G step (default: 2 biggan, 1 sndcgan)')
-a('--ortho_reg', type=float, default=None, help='beta of the orthogonal regularisation of G (default: 1e-4 '
-  'biggan, 0 sndcgan)')
-a('--truncation', type=float, default=0.0, help='psi: sample z from N(0, I) truncated to [-psi, psi] (0 = off)')
+a('--ortho_reg', type=common.non_negative_float, default=None,
+  help='beta of the orthogonal regularisation of G, BigGAN-PyTorch\'s convention: the gradient '
+       '2 beta (W W^T * (1 - I)) W, i.e. the penalty beta/2 ||W W^T * (1 - I)||_F^2 (default: 1e-4 biggan, '
+       '0 sndcgan)')
+a('--truncation', type=common.non_negative_float, default=0.0,
+  help='psi: sample z from N(0, I) truncated to [-psi, psi] (0 = off)')
+a('--standing_stats', type=common.non_negative_int, default=16,
+  help="batches of z ~ N(0, I) over which G's batch-norm statistics are accumulated before sampling in "
+       "eval mode (BigGAN's standing statistics; 0 = sample in train mode, batch statistics)")
 a('--ema', action='store_true', help="keep an EMA of G's weights for samples and metrics")
-a('--ema_decay', type=float, default=0.999, help='EMA decay per G step')
+a('--ema_decay', type=common.number_type(float, 0, 1, high_open=True, name='float'), default=0.999,
+  help='EMA decay per G step, in [0, 1)')
 a('--ema_start', type=common.non_negative_int, default=1000, help='G steps during which the EMA copies G '
   'before it starts averaging (BigGAN\'s --ema_start; no random-init weights left in it)')
-a('--dropout', type=float, default=None, help='sndcgan: dropout in D (default 0.5 at 128 px, else 0)')
+a('--d_bn', action=argparse.BooleanOptionalAction, default=True,
+  help='sndcgan: batch norm in D after every conv but the first and last, as the paper\'s code '
+       '(--no-d_bn: none)')
+a('--dropout', type=common.number_type(float, 0, 1, high_open=True, name='float'), default=None,
+  help='sndcgan: channel dropout (Dropout2d) in D, in [0, 1) (default 0.5 at 128 px, else 0)')
 a('--sync_bn', action='store_true', help='cross-replica (synchronised) BN in G under DDP; CUDA only')
 parser.set_defaults(lr=None, b1=None, latent_dim=120, n_epochs=143,  # digits: 2,002 iterations
                     sample_interval=500, log_interval=100)
+common.describe_default(parser, '--lr', "G's: 1e-4 for biggan (TTUR), 2e-4 for sndcgan")
+common.describe_default(parser, '--b1', '0 for biggan, 0.5 for sndcgan')
 ARCH_DEFAULTS = {'biggan': dict(ch=8, lr=1e-4, lr_D=4e-4, b1=0.0, d_steps=2, loss='hinge', ortho_reg=1e-4),
                  'sndcgan': dict(ch=16, lr=2e-4, lr_D=2e-4, b1=0.5, d_steps=1, loss='bce', ortho_reg=0.0)}
 TRUNCATION_SHEET = (0.25, 0.5, 0.75, 1.0)
@@ -79,12 +108,15 @@ def conv(cin, cout, k=3, bias=True):
 
 class ConditionalBatchNorm(nn.Module):
     """BatchNorm without its own affine; gain and bias are linear in the condition c (BigGAN's ccbn):
-    BN(x) * (1 + W_g c) + W_b c, with c = [shared(y), z chunk]."""
+    BN(x) * (1 + W_g c) + W_b c, with c = [shared(y), z chunk]. The projections have no bias, as
+    BigGAN-PyTorch's (which_linear with bias=False when the embedding is shared): the constant gain
+    1 and bias 0 are the identity BN starts from."""
 
     def __init__(self, features, cond_dim):
         super().__init__()
         self.bn = nn.BatchNorm2d(features, affine=False)
-        self.gain, self.bias = nn.Linear(cond_dim, features), nn.Linear(cond_dim, features)
+        self.gain = nn.Linear(cond_dim, features, bias=False)
+        self.bias = nn.Linear(cond_dim, features, bias=False)
 
     def forward(self, x, c):
         return self.bn(x) * (1 + self.gain(c)[:, :, None, None]) + self.bias(c)[:, :, None, None]
@@ -223,16 +255,19 @@ class SNDCGANGenerator(nn.Module):
 
 
 class SNDCGANDiscriminator(nn.Module):
-    """Radford's DCGAN discriminator with spectral norm on every conv instead of batch norm, and
-    dropout after every conv but the first and the last."""
+    """Radford's DCGAN discriminator with spectral norm added on every conv. Every block but the
+    first and the last is the paper's code's: SN conv -> BatchNorm -> Dropout2d -> LeakyReLU 0.2
+    (batchnorm=False: no BatchNorm; dropout 0: no Dropout2d)."""
 
-    def __init__(self, img_size, channels, ndf, dropout):
+    def __init__(self, img_size, channels, ndf, dropout, batchnorm=True):
         super().__init__()
         width, size = ndf, img_size // 2
         layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
         while size > 4:
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
-            layers += [nn.Dropout(dropout)] if dropout else []
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False)]
+            layers += [nn.BatchNorm2d(width * 2)] if batchnorm else []
+            layers += [nn.Dropout2d(dropout)] if dropout else []
+            layers += [nn.LeakyReLU(0.2)]
             width, size = width * 2, size // 2
         layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
         self.net = common.dcgan_init_(nn.Sequential(*layers))
@@ -245,7 +280,7 @@ class SNDCGANDiscriminator(nn.Module):
 
 
 def d_loss(real_logits, fake_logits, kind):
-    """hinge: E relu(1 - D(x)) + E relu(1 + D(G(z))) (seed eq. 1); bce: BCE(D(x), 1) + BCE(D(G(z)), 0)."""
+    """hinge: E relu(1 - D(x)) + E relu(1 + D(G(z))) (eq. 1); bce: BCE(D(x), 1) + BCE(D(G(z)), 0)."""
     if kind == 'hinge':
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
@@ -253,23 +288,26 @@ def d_loss(real_logits, fake_logits, kind):
 
 
 def g_loss(fake_logits, kind):
-    """hinge: -E D(G(z)) (seed eq. 2); bce: the non-saturating BCE(D(G(z)), 1)."""
+    """hinge: -E D(G(z)) (eq. 2); bce: the non-saturating BCE(D(G(z)), 1)."""
     if kind == 'hinge':
         return -fake_logits.mean()
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-def orthogonal_penalty(net):
-    """sum_W ||W W^T * (1 - I)||_F^2 over G's weights (seed 1.1.10, R_beta without beta), each W a
-    matrix with one row per output unit (BigGAN's code: the filters' Gram matrix, diagonal masked).
-    Under spectral norm W is the raw weight; the shared embedding is left out, as in BigGAN."""
+def orthogonal_penalty(net, beta):
+    """beta/2 * sum_W ||W W^T * (1 - I)||_F^2 over G's weights: the orthogonal regularisation R_beta
+    (section 1.1.10) with the gradient 2 beta (W W^T * (1 - I)) W that BigGAN-PyTorch's utils.ortho
+    adds to each weight's gradient (the printed beta ||.||_F^2 has 4 beta (W W^T * (1 - I)) W, so
+    its beta = 1e-4 would be the code's 2e-4). Each W is a matrix with one row per output unit (the
+    filters' Gram matrix, diagonal masked). Under spectral norm W is the raw weight; the shared
+    embedding is left out, as in BigGAN."""
     total = 0.0
     for name, p in net.named_parameters():
         if p.dim() >= 2 and not name.startswith('shared'):
             w = p.float().flatten(1)
             gram = w @ w.t()
             total = total + (gram - torch.diag_embed(gram.diagonal())).pow(2).sum()
-    return total
+    return beta / 2 * total
 
 
 @torch.no_grad()
@@ -293,6 +331,68 @@ def sample_z(n, latent_dim, psi, device, u=None):
     return torch.special.ndtri(low + u.double() * (1 - 2 * low)).float().clamp_(-psi, psi)
 
 
+def batch_norms(net):
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def standing_stats(G, batches):
+    """G in eval mode with BigGAN's standing statistics (Brock et al. 2019; BigGAN-PyTorch's
+    utils.accumulate_standing_stats): every batch-norm layer's running statistics are reset and
+    averaged over the forward passes of `batches` ((z, y) pairs; momentum None is a cumulative
+    average), in train mode for batch norm only and without gradient; then everything runs in eval
+    mode, so each sample is normalised by those statistics, not by its batch's. The rest of G stays
+    in eval mode throughout (no spectral-norm power iteration). On exit G's buffers (the training's
+    running statistics, spectral-norm vectors), momenta and modes are as they were."""
+    norms = batch_norms(G)
+    saved, modes, momenta = [b.clone() for b in G.buffers()], [m.training for m in G.modules()], \
+        [m.momentum for m in norms]
+    try:
+        with torch.no_grad():
+            G.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for z, y in batches:
+                G(z, y)
+            for m in norms:
+                m.eval()
+        yield G
+    finally:
+        with torch.no_grad():
+            for b, s in zip(G.buffers(), saved):
+                b.copy_(s)
+        for m, mode in zip(G.modules(), modes):
+            m.training = mode
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
+def final_samples(G, z, y, batch_size, n_classes, standing_batches, seed=0):
+    """Samples of G for latents z (n, latent_dim), truncated or not, and classes y (n,) (None when
+    unconditional), in chunks of batch_size, without side effects on G or the random streams.
+
+    standing_batches > 0: BigGAN's standing statistics over that many batches of z ~ N(0, I) (the z
+    G is trained on, whatever the truncation of z: statistics of truncated z would re-standardise
+    the truncated activations, as train mode does) and uniform random classes, drawn from a
+    generator of their own seeded with `seed` (the same statistics at every call on the same G);
+    then G in eval mode. 0: G in train mode, each chunk normalised by its own batch statistics.
+    """
+    device = z.device
+
+    def accumulation_batches():
+        g = torch.Generator(device).manual_seed(seed)
+        for _ in range(standing_batches):
+            yield (torch.randn(batch_size, z.shape[1], device=device, generator=g),
+                   torch.randint(n_classes, (batch_size,), device=device, generator=g) if n_classes else None)
+
+    context = standing_stats(G, accumulation_batches()) if standing_batches else common.sampling(G)
+    with context, torch.no_grad():
+        ys = y.split(batch_size) if y is not None else [None] * len(z.split(batch_size))
+        return torch.cat([G(zc, yc) for zc, yc in zip(z.split(batch_size), ys)])
+
+
 def complete_args(args):
     """Fill the per-arch defaults (ARCH_DEFAULTS) left as None, then reject impossible flag values,
     before a run folder is made."""
@@ -314,8 +414,6 @@ def complete_args(args):
                                    f'of the hierarchical latent: use at least {len(sizes) + 1}')
     else:
         common.check_image_size(args.img_size, smallest=32, largest=128)
-    if args.truncation < 0 or not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1:
-        raise common.UserError('--truncation must be >= 0, --dropout and --ema_decay in [0, 1)')
     if args.sync_bn and common.resolve_device(args.device).type != 'cuda':
         raise common.UserError('--sync_bn needs CUDA: torch\'s SyncBatchNorm rejects CPU modules; '
                                'drop --sync_bn on CPU')
@@ -328,7 +426,7 @@ def build_nets(args, channels, n_classes):
                                 args.attn_res),
                 BigGANDiscriminator(args.img_size, channels, args.ch, n_classes, args.attn_res))
     return (SNDCGANGenerator(args.img_size, channels, args.latent_dim, args.ch),
-            SNDCGANDiscriminator(args.img_size, channels, args.ch, args.dropout))
+            SNDCGANDiscriminator(args.img_size, channels, args.ch, args.dropout, args.d_bn))
 
 
 def main():
@@ -362,14 +460,20 @@ def main():
         return torch.randint(n_classes, (n,), device=dev) if n_classes else None
 
     def generate(z, y):
-        """Samples from G (or its EMA) in chunks of the batch size, BN in train mode, no side effects."""
-        with common.sampling(G_sample):
-            ys = y.split(args.batch_size) if n_classes else [None] * len(z.split(args.batch_size))
-            return torch.cat([G_sample(zc, yc) for zc, yc in zip(z.split(args.batch_size), ys)])
+        """The final samples for latents z (truncated by sample_z or not) and classes y (None when
+        unconditional): G's EMA with --ema, else G; eval mode with --standing_stats batches of
+        standing statistics (else train mode); no side effects on G or the random streams."""
+        return final_samples(G_sample, z, y, args.batch_size, n_classes, args.standing_stats, args.seed)
 
-    def sample_fn(n):  # for the metrics: balanced classes; (samples, classes asked for) when conditional
-        y = torch.arange(n, device=dev) % n_classes if n_classes else None
-        x = generate(sample_z(n, args.latent_dim, args.truncation, dev), y)
+    def sample_images(n, y=None):
+        """n final samples with z at --truncation (drawn from the global RNG), and their classes:
+        y as given, else balanced classes when conditional (None when unconditional)."""
+        if n_classes and y is None:
+            y = torch.arange(n, device=dev) % n_classes
+        return generate(sample_z(n, args.latent_dim, args.truncation, dev), y), y
+
+    def sample_fn(n):  # for the metrics: (samples, classes asked for) when conditional
+        x, y = sample_images(n)
         return (x, y) if n_classes else x
 
     def images_fn(n):  # fid.py wants images only
@@ -390,19 +494,17 @@ def main():
             y_fake = labels(B)
             with torch.no_grad(), run.autocast():
                 fake = G_raw(torch.randn(B, args.latent_dim, device=dev), y_fake)
-            with run.autocast():  # reals and fakes in one D call
-                y_both = torch.cat([y_real, y_fake]) if n_classes else None
-                logits = D(torch.cat([real, fake.to(real.dtype)]), y_both).float()
-                loss_D = d_loss(logits[:B], logits[B:], args.loss)
+            with run.autocast():  # real and fake in separate D calls: SN-DCGAN's D has batch norm
+                loss_D = d_loss(D(real, y_real).float(), D(fake.to(real.dtype), y_fake).float(), args.loss)
             run.step(loss_D, opt_D)
 
-        # ---- G: adversarial loss + beta * orthogonal regularisation ---------------------------
+        # ---- G: adversarial loss (eq. 2) + orthogonal regularisation ---------------------------
         y_fake = labels(B)
         D_raw.requires_grad_(False)  # D's weights get no gradient in G's step (plain D: no DDP sync)
         with run.autocast():
             loss_G = g_loss(D_raw(G(torch.randn(B, args.latent_dim, device=dev), y_fake), y_fake).float(), args.loss)
-        ortho = orthogonal_penalty(G_raw) if args.ortho_reg else zero
-        run.step(loss_G + args.ortho_reg * ortho, opt_G)
+        ortho = orthogonal_penalty(G_raw, args.ortho_reg) if args.ortho_reg else zero   # beta/2 ||.||^2
+        run.step(loss_G + ortho, opt_G)
         D_raw.requires_grad_(True)
         if G_ema is not None:  # a copy of G for the first --ema_start G steps, then the average
             ema_update(G_ema, G_raw, args.ema_decay if it >= args.ema_start else 0.0)

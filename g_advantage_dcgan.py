@@ -1,23 +1,32 @@
-"""Generator advantage in DCGAN for small data sets (Weaver; seed 003).
+"""Generator advantage in DCGAN for small data sets (Weaver, "Robot vs. Robot: Evening the Field in
+Deep Convolutional GANs for Small Datasets").
 
 A Radford DCGAN whose generator gets R updates for every discriminator update (--g_advantage R,
-a fresh z for each). R = 2 is DCGAN-tensorflow's default, R = 1 the plain DCGAN, and the seed
-tried 4 and 50 on 192 mouse faces. A fraction below 1 turns the balance the other way: 0.2 is
-one generator update every 5 discriminator updates. Counts are exact: after n discriminator
-updates the generator has made ceil(n R) updates (R = 0.2: updates after D updates 1, 6, 11, ...).
+a fresh z for each by default). R = 1 is the plain DCGAN; R = 2 is what DCGAN-tensorflow, the code
+the paper modified, does by default (it runs its G step twice after each D step); the paper tried
+4 and 50 on 192 mouse faces. A fraction below 1 turns the balance the other way: 0.2 is one
+generator update every 5 discriminator updates. Counts are exact: after n discriminator updates the
+generator has made ceil(n R) updates (R = 0.2: updates after D updates 1, 6, 11, ...).
+--same_z is DCGAN-tensorflow's schedule instead: one z ~ U(-1, 1) per iteration, used by the D step
+and by all R G steps (and U(-1, 1) for every sample).
 
-Losses, from logits (the seed's minimax value V(D, G) with the non-saturating generator loss):
+Losses, from logits (the paper's minimax value V(D, G) with the non-saturating generator loss):
     L_D = 1/2 [BCE(D(x), 1) + BCE(D(G(z)), 0)]          real and fake in separate batches (BN)
     L_G = BCE(D(G(z')), 1) = -E log sigmoid(D(G(z')))     z' fresh for each of the R updates
-The seed tracks the loss ratio L_G / L_D and plots its log (Figure 1); 0 is the "ideal" it names,
-and with L_D a mean of its two terms log(L_G / L_D) is exactly 0 at the GAN equilibrium
-D = 1/2, where both losses are ln 2. Every log line records D, G, ratio and log_ratio (natural
-log), both losses measured on the discriminator step's batch before D's update (L_G on the same
-fake logits), so the two compare the same nets at the same moment, as DCGAN-tensorflow's do.
+The paper tracks the loss ratio L_G / L_D and plots its log (Figure 1); 0 is the "ideal" it
+names, and with L_D a mean of its two terms log(L_G / L_D) is exactly 0 at the GAN equilibrium
+D = 1/2, where both losses are ln 2. Every log line records two versions (natural logs):
+  D, G, ratio, log_ratio: on the D step's batch before D's update (L_G on the same fake logits),
+    both losses from the same nets at the same moment;
+  D_after, G_after, ratio_after, log_ratio_after: the statistic behind Figure 1, as DCGAN-tensorflow
+    records errD and errG, after the D step and all G steps, on the iteration's real batch and the
+    D step's z (DCGAN-tensorflow's printed d_loss sums the two terms: 2 D_after, a log ratio lower
+    by ln 2).
 
     python g_advantage_dcgan.py --subset 192 --g_advantage 4                  # digits, offline
     python g_advantage_dcgan.py --dataset folder --data_root mice/ --img_size 64 --flip
     python g_advantage_dcgan.py --g_advantage 0.2                             # D gets the edge
+    python g_advantage_dcgan.py --subset 192 --same_z                         # DCGAN-tensorflow's z
     torchrun --nproc_per_node 2 g_advantage_dcgan.py --subset 192             # DDP
 """
 import argparse
@@ -51,6 +60,9 @@ parser.add_argument('--g_advantage', type=advantage, default=2.0,
 parser.add_argument('--ngf', type=common.positive_int, default=64, help='generator width (Radford: 64)')
 parser.add_argument('--ndf', type=common.positive_int, default=64, help='discriminator width (Radford: 64)')
 parser.add_argument('--flip', action='store_true', help='augment by random horizontal flips (small data)')
+parser.add_argument('--same_z', action='store_true',
+                    help="DCGAN-tensorflow's schedule: one z ~ U(-1, 1) per iteration for the D step and all "
+                         "G steps (samples from U(-1, 1) too); default: N(0, I), fresh z for each G step")
 parser.set_defaults(img_size=32, n_epochs=20, sample_interval=500, log_interval=50)
 
 
@@ -103,14 +115,21 @@ def main():
     discriminator_for_g = torch.compile(discriminator_raw) if args.compile else discriminator_raw
     opt_G = torch.optim.Adam(generator_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
     opt_D = torch.optim.Adam(discriminator_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
-    fixed_z = torch.randn(64, args.latent_dim, device=run.device)
+    def draw_z(n):  # the prior: DCGAN-tensorflow's U(-1, 1) with --same_z, else N(0, I)
+        if args.same_z:
+            return torch.rand(n, args.latent_dim, device=run.device) * 2 - 1
+        return torch.randn(n, args.latent_dim, device=run.device)
+
+    fixed_z = draw_z(64)
     start = run.resume(generator=generator_raw, discriminator=discriminator_raw, opt_G=opt_G, opt_D=opt_D)
 
     if args.generate:   # --generate N: samples from the checkpoint, no training
         return common.write_generated(run, common.ensemble_sampler(generator_raw, args.latent_dim, run.device))
 
     def sample_fn(n):
-        return common.sample_generators(generator_raw, n, args.latent_dim, args.batch_size, run.device)
+        with common.sampling(generator_raw):
+            return torch.cat([generator_raw(draw_z(args.batch_size))[0]
+                              for _ in range(-(-n // args.batch_size))])[:n]
 
     metrics, balance = {}, {}
     for it in run.iterations(start):
@@ -118,7 +137,7 @@ def main():
         B = len(real)
 
         # ---- discriminator: one update on a real batch and a fake batch ---------------------
-        z = torch.randn(B, args.latent_dim, device=run.device)
+        z = draw_z(B)                                     # the iteration's z
         with torch.no_grad(), run.autocast():
             fake = generator(z)[0]
         with run.autocast():
@@ -127,18 +146,26 @@ def main():
         run.step(loss_D, opt_D)
 
         # ---- generator: ceil((it + 1) R) - ceil(it R) updates, each on fresh noise -----------
+        # (--same_z: all on the iteration's z, as DCGAN-tensorflow)
         with frozen(discriminator_raw):
             for _ in range(generator_updates(it, R)):
-                z = torch.randn(B, args.latent_dim, device=run.device)
+                z_g = z if args.same_z else draw_z(B)
                 with run.autocast():
-                    loss_G = g_loss(discriminator_for_g(generator(z)[0]))
+                    loss_G = g_loss(discriminator_for_g(generator(z_g)[0]))
                 run.step(loss_G, opt_G)
 
         metrics = evaluator.due(it, run.n_iters, sample_fn)
         if metrics or run.due(it, args.log_interval):
             measured = torch.stack([loss_D.detach(), g_loss(fake_logits.detach())])  # same batch, same D
-            losses = run.all_reduce_mean(measured)
-            balance = {'ratio': losses[1] / losses[0], 'log_ratio': losses[1].log() - losses[0].log()}
+            # Figure 1's statistic: after the D step and all G steps, the iteration's real batch and
+            # z, both nets as in training (train-mode batch norm), no side effects on them
+            with common.sampling(generator_raw), common.sampling(discriminator_raw), run.autocast():
+                logits_after = discriminator_raw(generator_raw(z)[0].to(real.dtype))
+                after = torch.stack([d_loss(discriminator_raw(real), logits_after), g_loss(logits_after)])
+            losses, after = run.all_reduce_mean(measured), run.all_reduce_mean(after)
+            balance = {'ratio': losses[1] / losses[0], 'log_ratio': losses[1].log() - losses[0].log(),
+                       'D_after': after[0], 'G_after': after[1], 'ratio_after': after[1] / after[0],
+                       'log_ratio_after': after[1].log() - after[0].log()}
             run.log(it, {'D': losses[0], 'G': losses[1]}, {**balance, **metrics})
         if run.is_main and run.due(it, args.sample_interval):
             with common.sampling(generator_raw):

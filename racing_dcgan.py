@@ -1,11 +1,14 @@
-"""Racing-GAN inside DCGAN (Paul & Saha; seed 000): K Radford DCGAN generators race against one
+"""Racing-GAN inside DCGAN (Paul & Saha, "Racing-GAN Multi-Generator Framework within Wasserstein And
+Deep Convolution Generative Adversarial Networks"): K Radford DCGAN generators race against one
 shared discriminator.
 
 Every step all K generators get the same z. With logits l_k = D(G_k(z)) and r_k = sigmoid(l_k):
   D:    BCE(D(x), 1) + (1/K) sum_k BCE(D(G_k(z)), 0)                            (on logits)
   G_i:  BCE(D(G_i(z)), 1) + lambda * sum_{j != i} E_z max(0, sg(r_j) - r_i)     (--race_mode lag)
---race_mode paper uses the formula as printed, max(0, r_i - sg(r_j)); --race_mode off trains K
-independent generators. --n_gen 1 is exactly a plain DCGAN (pytorch/examples dcgan/main.py).
+--race_mode paper uses the formula as printed (section 2.4), max(0, r_i - sg(r_j)); --race_mode off
+trains K independent generators. --n_gen 1 is a plain DCGAN's step (pytorch/examples dcgan/main.py:
+D on the real and the fake batch, then G through the updated D on the same fakes); each epoch drops
+its last partial batch, which that script's DataLoader keeps.
 D sees the real batch and each generator's fakes as separate batches (batch norm never mixes
 generators); --joint_fake_bn shows it the K fake batches as one.
 
@@ -21,7 +24,8 @@ import common
 parser = common.base_parser(__doc__)
 parser.add_argument('--n_gen', type=common.positive_int, default=2, help='number of generators K')
 parser.add_argument('--race_mode', choices=('lag', 'paper', 'off'), default='lag', help='racing term')
-parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the racing term weight')
+parser.add_argument('--race_weight', type=common.non_negative_float, default=1.0,
+                    help='lambda, the racing term weight')
 parser.add_argument('--ngf', type=common.positive_int, default=64, help='generator width (channels of its last hidden layer)')
 parser.add_argument('--ndf', type=common.positive_int, default=64, help='discriminator width (channels of its first conv)')
 parser.add_argument('--joint_fake_bn', action='store_true',
@@ -30,7 +34,8 @@ parser.set_defaults(img_size=32, n_epochs=20, sample_interval=200, log_interval=
 
 
 def racing_term(probs, mode):
-    """Racing term per generator, seed 000 section 2.4 (sign as DESIGN 5 reads it).
+    """Racing term per generator: the paper's generator loss (section 2.4; two generators, section 4)
+    with the sign of --race_mode.
 
     probs: (K, B) probabilities r_k = sigmoid(D(G_k(z))) on the same z. Returns (K,):
     lag:   sum_{j != i} mean_b max(0, sg(r_j) - r_i)

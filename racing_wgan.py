@@ -1,11 +1,16 @@
-"""Racing-GAN inside WGAN (Paul & Saha; seed 000): K generators race against one shared critic.
+"""Racing-GAN inside WGAN (Paul & Saha, "Racing-GAN Multi-Generator Framework within Wasserstein And
+Deep Convolution Generative Adversarial Networks"): K generators race against one shared critic.
 
 Every step all K generators get the same z. The critic sees real images and the fakes of all K.
 Generator i minimises its Wasserstein term plus a racing term against each rival j, on paired
 samples:  L_Gi = -E D(G_i(z)) + lambda * sum_{j != i} E_z max(0, sg(D(G_j(z))) - D(G_i(z)))
 (--race_mode lag: a generator behind a rival is pushed to catch up). --race_mode paper uses the
-formula as printed, max(0, D(G_i(z)) - sg(D(G_j(z)))); --race_mode off trains K independent
-generators. --n_gen 1 is exactly the classic WGAN (weight clipping, RMSprop, n_critic 5).
+formula as printed (section 2.4), max(0, D(G_i(z)) - sg(D(G_j(z)))); --race_mode off trains K
+independent generators. --n_gen 1 is the classic WGAN's step (PyTorch-GAN's wgan.py: weight
+clipping, RMSprop, a generator step on the critic step's z after every n_critic-th critic step),
+with two differences of schedule: the generator steps when the global iteration is a multiple of
+n_critic (the classic counts the batch index within each epoch, restarting at every epoch), and
+each epoch drops its last partial batch (the classic's DataLoader keeps it).
 
     python racing_wgan.py --n_gen 2                          # digits, offline, a few CPU minutes
     python racing_wgan.py --dataset ring8 --n_gen 4 --gp 10  # 2-D, reports mode coverage
@@ -18,16 +23,23 @@ import common
 parser = common.base_parser(__doc__)
 parser.add_argument('--n_gen', type=common.positive_int, default=2, help='number of generators K')
 parser.add_argument('--race_mode', choices=('lag', 'paper', 'off'), default='lag', help='racing term')
-parser.add_argument('--race_weight', type=float, default=1.0, help='lambda, the racing term weight')
+parser.add_argument('--race_weight', type=common.non_negative_float, default=1.0,
+                    help='lambda, the racing term weight')
 parser.add_argument('--n_critic', type=common.positive_int, default=5, help='critic steps per generator step')
-parser.add_argument('--clip_value', type=float, default=0.01, help='critic weight clipping (when --gp is 0)')
-parser.add_argument('--gp', type=float, default=0.0, help='gradient penalty weight (WGAN-GP; 0 = clipping)')
+parser.add_argument('--clip_value', type=common.positive_float, default=0.01,
+                    help='critic weight clipping (when --gp is 0)')
+parser.add_argument('--gp', type=common.non_negative_float, default=0.0,
+                    help='gradient penalty weight (WGAN-GP; 0 = clipping)')
 parser.set_defaults(lr=None, b1=None, b2=None,  # by --gp: complete_args
                     img_size=16, n_epochs=430, sample_interval=2000, log_interval=200, eval_interval=2000)
+common.describe_default(parser, '--lr', 'RMSprop 5e-5 with clipping, Adam 1e-4 with --gp')
+common.describe_default(parser, '--b1', '0.5 (unused by RMSprop) with clipping, 0 with --gp')
+common.describe_default(parser, '--b2', '0.999 (unused by RMSprop) with clipping, 0.9 with --gp')
 
 
 def racing_term(scores, mode):
-    """Racing term per generator, eq. in seed 000 section 3 (sign as DESIGN 5 reads it).
+    """Racing term per generator: the paper's generator loss (section 2.4; two generators, section 4)
+    with the sign of --race_mode.
 
     scores: (K, B) critic values r_k = D(G_k(z)) on the same z. Returns (K,):
     lag:   sum_{j != i} mean_b max(0, sg(r_j) - r_i)

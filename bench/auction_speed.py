@@ -71,7 +71,7 @@ def ordinary_step(s):
 def bids(s, lot_size):
     with common.sampling(s['G']):
         lots = s['G'](torch.randn(s['n'], lot_size, s['latent']))
-        X, items = auction_gan.bid_matrix(s['D'], lots, 'gan')
+        X, items, _ = auction_gan.bid_matrix(s['D'], lots, 'gan')
     return lots, X, items
 
 

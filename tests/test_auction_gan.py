@@ -84,14 +84,14 @@ def test_batched_bids_equal_a_double_loop(arch, loss):
         template = lambda: common.DCGANDiscriminator(16, 1, ndf=4, batchnorm=False)
         lots = torch.randn(n, L, 1, 16, 16)
     with torch.no_grad():
-        X, items = auction_gan.bid_matrix(stacked, lots, loss)
+        X, items, scale = auction_gan.bid_matrix(stacked, lots, loss)
         nets = single_nets(stacked, template)
         want = torch.zeros(n, n)
         for i in range(n):
             for j in range(n):
                 out = nets[j](lots[i])                              # D_j's values on lot I^i
                 want[i, j] = (torch.sigmoid(out) if loss == 'gan' else out).mean()
-    assert items.shape == (n, n, L)
+    assert items.shape == (n, n, L) and scale is None
     assert torch.allclose(X, want, atol=1e-6)
     if loss == 'wgan':   # critic values, not probabilities: no squashing into (0, 1)
         raw = torch.stack([torch.stack([nets[j](lots[i]).mean() for j in range(n)]) for i in range(n)])
@@ -106,7 +106,7 @@ def aux_setup(n=4, lr=1e-3):
     real = torch.randn(8, 2)
     with torch.no_grad():
         lots = G(torch.randn(n, 8, 4))
-        _, items = auction_gan.bid_matrix(D, lots, 'gan')
+        _, items, _ = auction_gan.bid_matrix(D, lots, 'gan')
     return G, D, opt, real, lots, items
 
 
@@ -123,7 +123,7 @@ def test_auxiliary_step_leaves_winner_and_generators_untouched(monkeypatch):
     assert all(s['exp_avg'].view(4, -1)[2].abs().sum() > 0 for s in opt.state.values())   # D_2 has momentum
     b = torch.tensor([2])
     with torch.no_grad():
-        _, items = auction_gan.bid_matrix(D, lots, 'gan')
+        _, items, _ = auction_gan.bid_matrix(D, lots, 'gan')
     D_before = {k: v.clone() for k, v in D.state_dict().items()}
     opt_before = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
     G_before = {k: v.clone() for k, v in G.state_dict().items()}
@@ -161,6 +161,83 @@ def test_auxiliary_step_moves_the_others_towards_the_winner():
     assert all(g == 0 for g in grads.values())                  # no gradient reaches D_b
     assert (after[[0, 2, 3]] < 0.9 * before[[0, 2, 3]]).all(), (before, after)
     assert after[1] == 0
+
+
+@pytest.mark.parametrize('auction_every, n_iters, want', [(1, 10, [1, 6]), (2, 20, [6, 16])])
+def test_one_auction_per_iteration_of_algorithm_1_with_n_critic(tmp_path, monkeypatch, auction_every, n_iters,
+                                                                 want):
+    """With --n_critic 5 an iteration of Algorithm 1 is 5 critic steps and one generator step: the
+    auction and the auxiliary step run once per such iteration, after its generator step, not after
+    every critic step (10 critic steps: 2 auctions, not 10)."""
+    aux_calls = []
+    real_aux = auction_gan.auxiliary_step
+    monkeypatch.setattr(auction_gan, 'auxiliary_step', lambda *a, **k: aux_calls.append(1) or real_aux(*a, **k))
+    g_steps = []
+    real_g_loss = auction_gan.g_loss
+    monkeypatch.setattr(auction_gan, 'g_loss', lambda *a: g_steps.append(len(aux_calls)) or real_g_loss(*a))
+    out = tmp_path / 'run'
+    run_main(auction_gan, ['--loss', 'wgan', '--n_critic', '5', '--auction_every', auction_every,
+                           '--n_iters', n_iters, '--out_dir', out] + TINY, monkeypatch)
+    rows = list(csv.DictReader((out / 'auctions.csv').read_text().splitlines()))
+    assert [int(r['iteration']) for r in rows] == want           # the generator-step iterations
+    assert len(aux_calls) == len(want)
+    assert g_steps == [i // auction_every for i in range(n_iters // 5)]   # each auction after its G step
+    assert sum(float(v) for k, v in read_rows(out)[-1].items() if k.startswith('wins_')) == len(want)
+
+
+def offset_critic(critics, j, c):
+    """Add the constant c to critic j's outputs (the bias of its last layer)."""
+    with torch.no_grad():
+        critics.head.bias.view(critics.n_nets, -1)[j] += c
+
+
+def test_standard_bid_norm_ignores_a_critic_offset():
+    """X^{ij} = q_i + c_j gives S(i) = q_i - mean q_{-i} + mean c_{-i} - c_i: with raw WGAN values a
+    critic's offset c_j alone moves the scores (a low offset wins). Standardised by each critic's
+    mean and std on a shared real batch, the offset changes neither S nor the winner, nor the
+    auxiliary losses; the bids are still one batched call over lots and real batch."""
+    torch.manual_seed(0)
+    n, L = 4, 16
+    D = common.MLPDiscriminator((2,), hidden=(16, 16), n_nets=n)
+    lots, real = torch.randn(n, L, 2), torch.randn(L, 2) + 1.0
+    calls = []
+    D.register_forward_hook(lambda m, inputs, out: calls.append(inputs[0].shape))
+
+    def scores(real_batch):
+        with torch.no_grad():
+            X, items, scale = auction_gan.bid_matrix(D, lots, 'wgan', real_batch)
+        return auction_gan.auction_scores(X), items, scale
+
+    S_raw, _, _ = scores(None)
+    S_std, items, scale = scores(real)
+    assert calls == [(n * L, 2), (n * L + L, 2)]                     # one call each, the real batch in it
+    assert torch.allclose(scale[0], D(real).mean(1).detach(), atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(items, (D(lots.flatten(0, 1)).view(n, n, L) - scale[0].view(n, 1, 1))
+                              / scale[1].view(n, 1, 1), atol=1e-5)
+    loser = int(S_raw.argmin())
+    opt = torch.optim.SGD(D.parameters(), lr=0.0)
+    aux_before = auction_gan.auxiliary_step(D, D, opt, real, lots, items, S_std.argmax().view(1), 'wgan',
+                                            StepOnly(), scale)
+
+    offset_critic(D, loser, -100.0)                                 # the worst pair's critic: far lower
+    S_raw2, _, _ = scores(None)
+    S_std2, items2, scale2 = scores(real)
+    assert int(S_raw2.argmax()) == loser and not torch.allclose(S_raw2, S_raw, atol=1)    # raw: it wins
+    assert torch.allclose(S_std2, S_std, atol=1e-4) and int(S_std2.argmax()) == int(S_std.argmax())
+    assert torch.allclose(scale2[0][loser], scale[0][loser] - 100.0, atol=1e-4)
+    aux_after = auction_gan.auxiliary_step(D, D, opt, real, lots, items2, S_std2.argmax().view(1), 'wgan',
+                                           StepOnly(), scale2)
+    assert torch.allclose(aux_after, aux_before, atol=1e-4)
+
+
+def test_standard_bid_norm_run(tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+    run_main(auction_gan, ['--loss', 'wgan', '--gp', '1', '--n_critic', '1', '--bid_norm', 'standard',
+                           '--n_iters', '3', '--out_dir', out] + TINY, monkeypatch)
+    rows = read_rows(out)
+    assert all(math.isfinite(float(r['aux_0'])) for r in rows)
+    assert sum(float(rows[-1][f'wins_{i}']) for i in range(3)) == 3
 
 
 def test_ring8_run_logs_auction_and_coverage(tmp_path, monkeypatch):
@@ -210,13 +287,13 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     for opt in ('opt_G', 'opt_D'):
         for x, y in zip(a[opt]['state'].values(), b[opt]['state'].values()):
             assert torch.equal(x['square_avg'], y['square_avg'])
-    assert a['wins']['count'].sum() == 4
+    assert a['wins']['count'].sum() == 2        # 4 generator steps (n_critic 2), an auction every 2nd
     assert [int(r['iteration']) for r in read_rows(tmp_path / 'split')] == list(range(1, 9))
-    # every auction's S(i) and winner (DESIGN: per auction), the same after the resume
+    # every auction's S(i) and winner, one row per auction, the same after the resume
     straight, split = ((tmp_path / f / 'auctions.csv').read_text() for f in ('straight', 'split'))
     assert straight == split
     rows = list(csv.DictReader(straight.splitlines()))
-    assert [int(r['iteration']) for r in rows] == [2, 4, 6, 8]
+    assert [int(r['iteration']) for r in rows] == [3, 7]   # after the generator steps of iterations 2, 4
     assert set(rows[0]) == {'iteration', 'winner', 'S_0', 'S_1', 'S_2'}   # N = 3 pairs
     assert [int(r['winner']) for r in rows] == [max(range(3), key=lambda i: float(r[f'S_{i}'])) for r in rows]
 
@@ -266,6 +343,17 @@ def test_bad_input_gives_one_line(tmp_path):
     assert_one_line_error(run_script('auction_gan', ['--gp', '10'], tmp_path), '--gp', '--loss wgan')
     assert_one_line_error(run_script('auction_gan', ['--dataset', 'digits', '--img_size', '12'], tmp_path),
                           '--img_size 12')
+    assert_one_line_error(run_script('auction_gan', ['--bid_norm', 'standard', '--lot_size', '1'], tmp_path),
+                          '--lot_size')
+
+
+@pytest.mark.parametrize('flag, value', [('--lr', '-1'), ('--clip_value', '0'), ('--gp', '-0.1'),
+                                         ('--n_critic', '0'), ('--lot_size', 'x'), ('--gp', 'nan')])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        auction_gan.parser.parse_args([flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]
 
 
 def test_auctions_csv_survives_a_crash_after_a_checkpoint(tmp_path, monkeypatch):

@@ -80,14 +80,37 @@ def test_orthogonal_penalty_by_hand():
     net.conv = nn.Parameter(torch.tensor([[[[1.0]], [[0.0]]], [[[1.0]], [[1.0]]]]))  # rows (1,0),(1,1)
     net.bias = nn.Parameter(torch.ones(3))                               # 1-d: left out
     net.shared = nn.Embedding(3, 2)                                      # shared embedding: left out
-    # off-diagonal: 11^2 + 11^2 = 242 for w, 1^2 + 1^2 = 2 for conv
-    assert bg.orthogonal_penalty(net).item() == pytest.approx(244.0)
-    penalty = bg.orthogonal_penalty(net)
+    beta = 1e-4
+    # off-diagonal: 11^2 + 11^2 = 242 for w, 1^2 + 1^2 = 2 for conv; beta/2 of their sum
+    penalty = bg.orthogonal_penalty(net, beta)
+    assert penalty.item() == pytest.approx(beta / 2 * 244.0)
     penalty.backward()
     assert net.bias.grad is None and net.shared.weight.grad is None
-    # d/dW ||W W^T - diag||^2 = 4 (W W^T - diag(W W^T)) W
-    ww = net.w.detach() @ net.w.detach().t()
-    assert torch.allclose(net.w.grad, 4 * (ww - torch.diag(ww.diag())) @ net.w.detach())
+    # BigGAN-PyTorch's utils.ortho: grad = 2 beta (W W^T * (1 - I)) W (autograd of the printed
+    # beta ||W W^T * (1 - I)||^2 would give 4 beta (...) W)
+    w = net.w.detach()
+    ww = w @ w.t()
+    assert torch.allclose(net.w.grad, 2 * beta * (ww * (1 - torch.eye(2))) @ w)
+    assert torch.allclose(net.w.grad, 2 * beta * torch.tensor([[33.0, 44.0], [11.0, 22.0]]))   # by hand
+
+
+def test_orthogonal_penalty_gradient_is_biggans_on_a_generator():
+    """On a BigGAN G, the penalty's gradient on every regularised weight is BigGAN-PyTorch's
+    2 beta (W W^T * (1 - I)) W with W the weight viewed (out, -1); biases and the embedding get none."""
+    torch.manual_seed(0)
+    G = bg.BigGANGenerator(32, 1, 16, 2, 10, 8, attn_res=16)
+    beta = 1e-4
+    bg.orthogonal_penalty(G, beta).backward()
+    checked = 0
+    for name, p in G.named_parameters():
+        if p.dim() < 2 or name.startswith('shared'):
+            assert p.grad is None, name
+            continue
+        w = p.detach().flatten(1)
+        want = 2 * beta * ((w @ w.t()) * (1 - torch.eye(len(w)))) @ w
+        assert torch.allclose(p.grad.flatten(1), want, rtol=1e-4, atol=1e-10), name
+        checked += 1
+    assert checked > 20
 
 
 def test_ema_update_math():
@@ -160,7 +183,8 @@ def test_conditional_batchnorm_depends_on_the_class():
     with torch.no_grad():
         a, b = G(z, torch.zeros(8, dtype=torch.long)), G(z, torch.ones(8, dtype=torch.long))
     assert (a - b).abs().max() > 1e-3
-    cbn = G.blocks[0].bn1  # the formula: BN(x) * (1 + W_g c) + W_b c
+    cbn = G.blocks[0].bn1  # the formula: BN(x) * (1 + W_g c) + W_b c, no biases (BigGAN's ccbn)
+    assert cbn.gain.bias is None and cbn.bias.bias is None
     x, c = torch.randn(8, cbn.gain.out_features, 4, 4), torch.randn(8, cbn.gain.in_features)
     bn = nn.functional.batch_norm(x, None, None, training=True)
     want = bn * (1 + cbn.gain(c))[:, :, None, None] + cbn.bias(c)[:, :, None, None]
@@ -218,14 +242,55 @@ def test_both_archs_build_and_step_at_each_size(size):
         assert plain == ([G.shared] if isinstance(G, bg.BigGANGenerator) else [])
 
 
-def test_sndcgan_dropout_after_middle_convs_only():
+def test_sndcgan_discriminator_blocks_are_the_papers_code():
+    """SN conv -> BatchNorm -> Dropout2d -> LeakyReLU for every conv but the first (SN conv,
+    LeakyReLU) and the last (SN conv); --no-d_bn drops the batch norm, --dropout 0 the dropout."""
     D = bg.SNDCGANDiscriminator(128, 3, 2, 0.5)
-    kinds = ['Conv2d' if isinstance(m, nn.Conv2d) else type(m).__name__ for m in D.net]
+    kinds = [type(m).__name__.replace('Parametrized', '') for m in D.net]
     convs = [i for i, k in enumerate(kinds) if k == 'Conv2d']
-    assert kinds.count('Dropout') == len(convs) - 2
-    assert kinds[convs[0] + 2] != 'Dropout' and convs[-1] == len(kinds) - 1
-    assert 'BatchNorm2d' not in kinds
-    assert 'Dropout' not in [type(m).__name__ for m in bg.SNDCGANDiscriminator(32, 3, 2, 0.0).net]
+    assert kinds[:2] == ['Conv2d', 'LeakyReLU'] and convs[-1] == len(kinds) - 1
+    for i in convs[1:-1]:
+        assert kinds[i:i + 4] == ['Conv2d', 'BatchNorm2d', 'Dropout2d', 'LeakyReLU']
+    assert kinds.count('BatchNorm2d') == kinds.count('Dropout2d') == len(convs) - 2 == 4
+    assert all(parametrize.is_parametrized(D.net[i], 'weight') for i in convs)
+    plain = [type(m).__name__ for m in bg.SNDCGANDiscriminator(32, 3, 2, 0.0, batchnorm=False).net]
+    assert 'BatchNorm2d' not in plain and 'Dropout2d' not in plain
+    assert [type(m).__name__ for m in bg.SNDCGANDiscriminator(32, 3, 2, 0.0).net].count('BatchNorm2d') == 2
+    # channel dropout: whole feature maps are zeroed
+    drop = nn.Dropout2d(0.5).train()
+    out = drop(torch.ones(4, 16, 3, 3))
+    assert ((out == 0).all(dim=(2, 3)) | (out == 2).all(dim=(2, 3))).all()
+
+
+def test_standing_stats_keep_the_truncation_and_leave_g_alone():
+    """An untrained 32 px G: at psi = 0.25 the per-pixel spread over samples, relative to psi = 0,
+    is much smaller with standing statistics (batch norm normalises with N(0, I) statistics) than in
+    train mode (batch statistics re-standardise the truncated batch). Sampling leaves G's
+    training buffers (BN running statistics, spectral-norm vectors) and modes as they were."""
+    torch.manual_seed(0)
+    G = bg.BigGANGenerator(32, 3, 120, 8, 10, 128, attn_res=16)
+    with torch.no_grad():                      # give G's training buffers values of their own
+        G(torch.randn(64, 120), torch.randint(10, (64,)))
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    u, y = torch.rand(512, 120), torch.randint(10, (512,))
+
+    def spread_ratio(standing):
+        x = [bg.final_samples(G, bg.sample_z(512, 120, psi, 'cpu', u), y, 64, 10, standing)
+             for psi in (0.25, 12.0)]          # psi 12: no truncation in practice
+        return float(x[0].std(0).mean() / x[1].std(0).mean())
+
+    train_mode, standing = spread_ratio(0), spread_ratio(16)
+    assert standing < 0.6 * train_mode, (standing, train_mode)
+    assert standing < 0.4 and train_mode > 0.5
+    assert G.training and all(m.training for m in G.modules())
+    assert all(m.momentum == 0.1 for m in bg.batch_norms(G))
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # deterministic: the same statistics (its own random stream) and the global stream untouched
+    state = torch.random.get_rng_state()
+    z = bg.sample_z(8, 120, 0.5, 'cpu', u[:8])
+    assert torch.equal(bg.final_samples(G, z, y[:8], 64, 10, 4), bg.final_samples(G, z, y[:8], 64, 10, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 # ---- training runs -------------------------------------------------------------------------------
@@ -268,6 +333,22 @@ def test_conditional_run_outputs(biggan_run):
         assert im.size == (10 * 34 + 2, 10 * 34 + 2)
     with Image.open(os.path.join(out, 'samples', 'truncation.png')) as im:  # 4 psi x 10 classes
         assert im.size == (10 * 34 + 2, 4 * 34 + 2)
+
+
+def test_sndcgan_sees_real_and_fake_in_separate_d_calls(tmp_path, data_root, monkeypatch):
+    """With batch norm in D, a call on real and fake together would mix their statistics: every D
+    call is one batch (real or fake), the BN default of the paper's code."""
+    seen = []
+    forward = bg.SNDCGANDiscriminator.forward
+    monkeypatch.setattr(bg.SNDCGANDiscriminator, 'forward', lambda self, x, y=None: seen.append(len(x)) or
+                        forward(self, x, y))
+    train(monkeypatch, str(tmp_path / 'r'), data_root, '--arch', 'sndcgan', '--n_iters', 2)
+    assert seen == [8] * 6                                    # per iteration: D(real), D(fake), D(G(z))
+    state = torch.load(tmp_path / 'r' / 'ckpt.pt', weights_only=False)
+    assert any('running_mean' in k for k in state['D'])       # D has batch norm by default
+    train(monkeypatch, str(tmp_path / 'r2'), data_root, '--arch', 'sndcgan', '--n_iters', 1, '--no-d_bn')
+    state = torch.load(tmp_path / 'r2' / 'ckpt.pt', weights_only=False)
+    assert not any('running_mean' in k for k in state['D'])
 
 
 def test_d_steps_take_that_many_batches_per_iteration(tmp_path, data_root, monkeypatch):
@@ -337,13 +418,22 @@ def test_torchrun_two_ranks_end_identical(tmp_path, data_root):
     (['--attn_res', 12], ['--attn_res 12', '8, 16, 32']),
     (['--arch', 'sndcgan', '--img_size', 256], ['--img_size 256', 'at most 128']),
     (['--latent_dim', 3], ['--latent_dim 3', 'at least 4']),
-    (['--truncation', -1], ['--truncation']),
 ])
 def test_impossible_flags(flags, words):
     with pytest.raises(common.UserError) as e:
         bg.complete_args(bg.parser.parse_args([str(f) for f in flags]))
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize('flag, value', [('--truncation', '-1'), ('--lr', '-1'), ('--lr_D', '0'),
+                                         ('--ortho_reg', '-1e-4'), ('--ema_decay', '1'), ('--dropout', '1'),
+                                         ('--attn_res', '-16'), ('--standing_stats', '-1'), ('--b1', '1')])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        bg.parser.parse_args([flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]
 
 
 def test_sync_bn_on_cpu_is_one_line_error(tmp_path, data_root):

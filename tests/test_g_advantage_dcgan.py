@@ -1,4 +1,4 @@
-"""g_advantage_dcgan.py: R generator updates per discriminator update (seed 003)."""
+"""g_advantage_dcgan.py: R generator updates per discriminator update, Figure 1's loss statistic, --same_z."""
 import csv
 import json
 import math
@@ -62,7 +62,7 @@ def test_losses_match_hand_computed_values():
     assert gad.d_loss(real, fake).item() == pytest.approx(expected_d, rel=1e-6)
     assert gad.g_loss(torch.tensor([0.0, 3.0])).item() == pytest.approx((LN2 + math.log1p(math.exp(-3))) / 2,
                                                                         rel=1e-6)
-    # at the equilibrium D = 1/2 (logits 0) both losses are ln 2: the seed's ideal log ratio 0
+    # at the equilibrium D = 1/2 (logits 0) both losses are ln 2: the paper's ideal log ratio 0
     zeros = torch.zeros(8)
     assert gad.d_loss(zeros, zeros).item() == pytest.approx(LN2) == gad.g_loss(zeros).item()
     # logits far outside float range of sigmoid stay finite (losses from logits)
@@ -111,22 +111,22 @@ def test_exactly_R_generator_steps_per_discriminator_step(R, data_root, tmp_path
     assert adam_steps(ckpt['opt_G']) == math.ceil(n * Fraction(R))   # 7, 14, 28, 2
     rows = read_csv(tmp_path / 'run')
     assert [int(r['iteration']) for r in rows] == [2, 4, 6, 7]
-    for r in rows:  # ratio and log ratio are those of the logged losses
+    for r in rows:  # ratio and log ratio are those of the logged losses, before and after the updates
         d, g = float(r['D']), float(r['G'])
         assert float(r['ratio']) == pytest.approx(g / d, rel=1e-5)
         assert float(r['log_ratio']) == pytest.approx(math.log(g) - math.log(d), abs=1e-5)
+        d, g = float(r['D_after']), float(r['G_after'])
+        assert float(r['log_ratio_after']) == pytest.approx(math.log(g) - math.log(d), abs=1e-5)
     assert 'fd_digits' in rows[-1] and float(rows[-1]['fd_digits']) > 0
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['log_ratio'] == pytest.approx(float(rows[-1]['log_ratio']))
     assert os.path.exists(tmp_path / 'run' / 'metrics.png')
 
 
-def test_R1_is_a_plain_dcgan_step(data_root, tmp_path, monkeypatch):
-    """Two iterations, then one plain DCGAN iteration by hand, equals three iterations of --g_advantage 1."""
-    run_main(gad, tiny(data_root, tmp_path / 'two', '--n_iters', 2, '--g_advantage', 1), monkeypatch)
-    run_main(gad, tiny(data_root, tmp_path / 'three', '--n_iters', 3, '--g_advantage', 1), monkeypatch)
-    state, want = load_ckpt(tmp_path / 'two'), load_ckpt(tmp_path / 'three')
-
+def replay_one_iteration(state, R, same_z):
+    """Iteration 3 of a tiny run written out by hand from the checkpoint after iteration 2: the D
+    step, then R G steps (fresh N(0, 1) z each, or the D step's U(-1, 1) z with same_z), then
+    Figure 1's statistic (errD, errG after all updates, on the iteration's real batch and z)."""
     G, D = common.DCGANGenerators(1, 8, 16, 1, ngf=4), common.DCGANDiscriminator(16, 1, ndf=4)
     G.load_state_dict(state['generator'])
     D.load_state_dict(state['discriminator'])
@@ -138,19 +138,56 @@ def test_R1_is_a_plain_dcgan_step(data_root, tmp_path, monkeypatch):
     real, _ = common.Batches(common.load_data('digits', img_size=16, subset=64), 16, seed=0).get(2)
 
     bce = torch.nn.BCEWithLogitsLoss()
-    fake = G(torch.randn(16, 8))[0]
+    z = torch.rand(16, 8) * 2 - 1 if same_z else torch.randn(16, 8)
+    fake = G(z)[0]
     loss_D = (bce(D(real), torch.ones(16)) + bce(D(fake.detach()), torch.zeros(16))) / 2
     opt_D.zero_grad()
     loss_D.backward()
     opt_D.step()
-    loss_G = bce(D(G(torch.randn(16, 8))[0]), torch.ones(16))
-    opt_G.zero_grad()
-    loss_G.backward()
-    opt_G.step()
+    for _ in range(R):
+        loss_G = bce(D(G(z if same_z else torch.randn(16, 8))[0]), torch.ones(16))
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+    with common.sampling(G), common.sampling(D):
+        fake_logits = D(G(z)[0])
+        after = ((bce(D(real), torch.ones(16)) + bce(fake_logits, torch.zeros(16))) / 2, bce(fake_logits, torch.ones(16)))
+    return G, D, [float(a) for a in after]
 
+
+@pytest.mark.parametrize('R, same_z', [(1, False), (2, True)])
+def test_one_iteration_by_hand_and_figure_1_statistic(R, same_z, data_root, tmp_path, monkeypatch):
+    """Two iterations, then one DCGAN iteration by hand, equals three iterations of the script:
+    --g_advantage 1 is a plain DCGAN step (fresh z for G); --same_z is DCGAN-tensorflow's schedule
+    (one U(-1, 1) z for the D step and both G steps). The logged D_after, G_after, log_ratio_after
+    are the losses after all updates on that iteration's real batch and z."""
+    flags = ['--g_advantage', R] + (['--same_z'] if same_z else [])
+    run_main(gad, tiny(data_root, tmp_path / 'two', '--n_iters', 2, *flags), monkeypatch)
+    run_main(gad, tiny(data_root, tmp_path / 'three', '--n_iters', 3, *flags), monkeypatch)
+    state, want = load_ckpt(tmp_path / 'two'), load_ckpt(tmp_path / 'three')
+    G, D, (d_after, g_after) = replay_one_iteration(state, R, same_z)
     assert_same_state(G.state_dict(), want['generator'], atol=1e-6)
     assert_same_state(D.state_dict(), want['discriminator'], atol=1e-6)
     assert not torch.allclose(G.state_dict()['net.0.weight'], state['generator']['net.0.weight'])
+    row = read_csv(tmp_path / 'three')[-1]
+    assert row['iteration'] == '3'
+    assert float(row['D_after']) == pytest.approx(d_after, rel=1e-5)
+    assert float(row['G_after']) == pytest.approx(g_after, rel=1e-5)
+    assert float(row['log_ratio_after']) == pytest.approx(math.log(g_after / d_after), abs=1e-5)
+    assert float(row['ratio_after']) == pytest.approx(g_after / d_after, rel=1e-5)
+    assert float(row['D']) != pytest.approx(d_after, rel=1e-4)     # the before-update statistic differs
+
+
+def test_same_z_draws_uniform_noise_once_per_iteration(data_root, tmp_path, monkeypatch):
+    draws = []
+    real_rand, real_randn = torch.rand, torch.randn
+    monkeypatch.setattr(torch, 'rand', lambda *a, **k: draws.append('rand') or real_rand(*a, **k))
+    monkeypatch.setattr(torch, 'randn', lambda *a, **k: draws.append('randn') or real_randn(*a, **k))
+    run_main(gad, tiny(data_root, tmp_path / 'run', '--n_iters', 3, '--g_advantage', 4, '--same_z',
+                       '--eval_samples', 10), monkeypatch)
+    # fixed_z, then one z per iteration (4 G steps reuse it); 10 metric samples: one batch
+    assert draws.count('randn') == 0 and draws.count('rand') == 1 + 3 + 1
+    assert adam_steps(load_ckpt(tmp_path / 'run')['opt_G']) == 12
 
 
 def test_resume_equals_a_straight_run(data_root, tmp_path, monkeypatch):
@@ -166,7 +203,8 @@ def test_resume_equals_a_straight_run(data_root, tmp_path, monkeypatch):
     rows_a, rows_b = read_csv(tmp_path / 'straight'), read_csv(tmp_path / 'split')
     assert [r['iteration'] for r in rows_b] == ['2', '4', '5']             # appended, no duplicates
     for ra, rb in zip(rows_a, rows_b):
-        assert (ra['D'], ra['G'], ra['log_ratio']) == (rb['D'], rb['G'], rb['log_ratio'])
+        for key in ('D', 'G', 'log_ratio', 'D_after', 'G_after', 'log_ratio_after'):
+            assert ra[key] == rb[key], key
 
 
 def test_amp_bf16_on_cpu_trains_and_differs_from_fp32(data_root, tmp_path, monkeypatch):
@@ -221,6 +259,14 @@ def test_torchrun_two_ranks_end_identical(data_root, tmp_path):
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
 
 
+@pytest.mark.parametrize('flag, value', [('--lr', '-1'), ('--b1', '1'), ('--ngf', '0'), ('--g_advantage', 'nan')])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        gad.parser.parse_args([flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]
+
+
 def test_bad_flag_in_a_real_process_gives_one_line(tmp_path):
     result = run_script('g_advantage_dcgan', ['--n_iters', 1, '--g_advantage', '0'], cwd=tmp_path)
     assert_one_line_error(result, '--g_advantage', 'from 1/1000')
@@ -229,7 +275,7 @@ def test_bad_flag_in_a_real_process_gives_one_line(tmp_path):
 @pytest.mark.parametrize('flags,words', [
     (['--g_advantage', '1/0'], ['--g_advantage', 'not a number']),
     (['--img_size', '24'], ['--img_size 24', 'power of two']),
-    (['--img_size', '0'], ['--img_size', 'at least 1']),
+    (['--img_size', '0'], ['--img_size', 'must lie in [1, inf)']),
     (['--g_advantage', '1e400'], ['--g_advantage', 'to 1000']),
     (['--dataset', 'stacked-digits', '--channels', '1'], ['stacked-digits', '3 channels']),
     (['--dataset', 'folder', '--data_root', 'empty'], ['no images']),

@@ -67,6 +67,48 @@ def test_balance_beta_by_hand_and_without_gradient():
     assert torch.isfinite(pmgan.balance_beta(torch.tensor([-800.0, -2.0]), torch.tensor([0.0, -1.0]), 0.0)).all()
 
 
+def test_beta_scale_multiplies_the_renormalised_beta_by_hand():
+    JD, JC = torch.tensor([-0.3, -0.5]), torch.tensor([-0.05, -0.2])
+    # eq. 3-4 with lambda 0: w = softmax(J^D), d = sigmoid(J^D), b_k = w_k exp(-c_k / d_k)
+    w0 = 1 / (1 + math.exp(-0.5 + 0.3))                       # e^-0.3 / (e^-0.3 + e^-0.5)
+    d0, d1 = 1 / (1 + math.exp(0.3)), 1 / (1 + math.exp(0.5))
+    b0, b1 = w0 * math.exp(0.05 / d0), (1 - w0) * math.exp(0.2 / d1)
+    soft0 = math.exp(b0) / (math.exp(b0) + math.exp(b1))     # b = (0.61839, 0.76457): 0.46351
+    for s in (1.0, 2.0, 0.0):
+        beta = pmgan.balance_beta(JD, JC, 0.0, scale=s)
+        assert torch.allclose(beta, torch.tensor([s * soft0, s * (1 - soft0)]), atol=1e-6)
+        assert float(beta.sum()) == pytest.approx(s, abs=1e-6)
+    assert soft0 == pytest.approx(0.46351, abs=1e-4)
+
+
+def test_logged_beta_sums_to_scale_times_decay(tmp_path, monkeypatch):
+    run_main(pmgan, ['--n_gen', '3', '--n_iters', '3', '--beta_scale', '3', '--beta_decay', '0.5',
+                     '--out_dir', tmp_path / 'run'] + TINY, monkeypatch)
+    for row in read_rows(tmp_path / 'run'):   # beta = s * softmax(...) * exp(-alpha * step), step 0, 1, 2
+        step = int(row['iteration']) - 1
+        assert sum(float(row[f'beta_{k}']) for k in range(3)) == pytest.approx(3 * math.exp(-0.5 * step), rel=1e-5)
+
+
+def test_initial_generators_fork_and_seed_the_cpu_generator_only(monkeypatch):
+    """The generators' start draws CPU numbers only: fork_rng(devices=[]) (no multi-GPU warning), and
+    no CUDA generator reseeded (torch.manual_seed would set them all to --seed on every rank)."""
+    args = pmgan.parser.parse_args(['--n_gen', '2', '--latent_dim', '4'])
+    args.width = 16
+    data = common.load_data('ring8')
+    torch.manual_seed(0)
+    want = pmgan.build_generators(args, data, 2).state_dict()
+    torch.manual_seed(123)
+    forks = []
+    real_fork = torch.random.fork_rng
+    monkeypatch.setattr(torch.random, 'fork_rng', lambda *a, **k: forks.append(k) or real_fork(*a, **k))
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', lambda seed: pytest.fail('CUDA generators reseeded'))
+    before = torch.random.get_rng_state()
+    got = pmgan.initial_generators(args, data, 2)
+    assert forks == [{'devices': []}]
+    assert torch.equal(torch.random.get_rng_state(), before)            # the CPU stream is untouched
+    assert all(torch.equal(v, want[k]) for k, v in got.items())         # --seed's initialisation
+
+
 def test_classifier_term_pushes_generator_k_towards_label_k():
     torch.manual_seed(0)
     K = 3
@@ -198,6 +240,79 @@ def test_torchrun_splits_generators_and_keeps_replicas_identical(tmp_path, monke
     after = torch.load(out / 'ckpt.pt', weights_only=False)
     assert after['iteration'] == 6 and len(after['generators']) == 3
     assert [int(r['iteration']) for r in read_rows(out)] == list(range(1, 7))
+
+
+STEP_DRIVER = '''
+import sys, torch
+from types import SimpleNamespace
+sys.path.insert(0, {repo!r})
+import common, pmgan
+out = sys.argv[1]
+args = pmgan.parser.parse_args(['--dataset', 'digits', '--img_size', '16', '--width', '4', '--batch_size', '12',
+                                '--latent_dim', '8', '--n_gen', '3', '--out_dir', out + '/run',
+                                '--data_root', {data_root!r}, '--ckpt_interval', '0'])
+run = common.Run(args, 'pmgan')
+data = run.load_data()
+K, B = args.n_gen, args.batch_size
+owned, m = list(range(run.rank, K, run.world_size)), B // K
+everyone = pmgan.split_members(pmgan.initial_generators(args, data, K), K)
+G = pmgan.build_generators(args, data, len(owned))
+G.load_state_dict(pmgan.join_members([everyone[k] for k in owned]))
+torch.manual_seed(1)
+dc_raw = pmgan.build_dc(args, data)
+nets = SimpleNamespace(generators=G, dc=run.prepare(dc_raw), dc_raw=dc_raw, owned=owned,
+                       opt_G=torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999)),
+                       opt_DC=torch.optim.Adam(dc_raw.parameters(), lr=1e-3, betas=(0.5, 0.999)))
+for it in range(3):
+    g = torch.Generator().manual_seed(100 + it)          # the same real batch and z on every rank
+    real = data.batch(torch.randint(len(data), (B,), generator=g))[0]
+    z = torch.randn(K, m, args.latent_dim, generator=g)[owned]
+    losses, balance = pmgan.train_step(it, real, z, nets, args, run, False)
+mine = dict(zip(owned, pmgan.split_members(G.state_dict(), len(owned))))
+torch.save(dict(dc=dc_raw.state_dict(), generators=mine, beta=balance['beta'], G=losses['G']),
+           f'{{out}}/rank{{run.rank}}_of_{{run.world_size}}.pt')
+run.finish(2)
+'''
+
+
+def test_torchrun_steps_equal_one_process_on_the_same_data(tmp_path, data_root):
+    """Images, K = 3 over 2 ranks (2 + 1): D and C see all K generators' fakes on every rank, so
+    D's batch norm normalises the same fake batch as in one process. Given the same real batch on
+    each rank and the same z per generator, three D/C + G steps under torchrun leave D/C, every
+    generator, beta and the G losses as one process leaves them."""
+    import subprocess
+    import sys
+    from conftest import REPO, run_torchrun
+    driver = tmp_path / 'steps.py'
+    driver.write_text(STEP_DRIVER.format(repo=REPO, data_root=data_root))
+    one = subprocess.run([sys.executable, str(driver), str(tmp_path / 'one')], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_torchrun(str(driver), [tmp_path / 'two'], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ref = torch.load(tmp_path / 'one' / 'rank0_of_1.pt', weights_only=False)
+    ranks = [torch.load(tmp_path / 'two' / f'rank{r}_of_2.pt', weights_only=False) for r in range(2)]
+    assert sorted(ranks[0]['generators']) == [0, 2] and sorted(ranks[1]['generators']) == [1]
+    for rank in ranks:
+        for key, value in ref['dc'].items():
+            if 'running_' in key or 'num_batches' in key:
+                continue            # each rank's BN running statistics are its own (DDP keeps rank 0's)
+            assert torch.allclose(value, rank['dc'][key], atol=1e-6), key
+        assert torch.allclose(rank['beta'], ref['beta'], atol=1e-6)
+        assert torch.allclose(rank['G'], ref['G'], atol=1e-6)
+        for k, state in rank['generators'].items():
+            for key, value in state.items():
+                assert torch.allclose(value, ref['generators'][k][key], atol=1e-6), (k, key)
+
+
+@pytest.mark.parametrize('flag, value', [('--lr', '-1'), ('--trunc', '1'), ('--trunc', '0'), ('--beta', '-1'),
+                                         ('--beta_scale', '-2'), ('--beta_decay', '-0.1'), ('--gen_batch', '-1'),
+                                         ('--width', '-4'), ('--diversity', 'inf'), ('--n_gen', '0')])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        pmgan.parser.parse_args([flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]
 
 
 def test_bad_input_gives_one_line(tmp_path):

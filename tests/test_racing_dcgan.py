@@ -207,6 +207,14 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path, data_roo
     assert result.stdout.count('[Epoch') == 4   # rank 0 alone prints
 
 
+@pytest.mark.parametrize('flag, value', [('--lr', '-1'), ('--race_weight', '-1'), ('--ngf', '0'), ('--b2', '1')])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        racing_dcgan.parser.parse_args([flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]
+
+
 def test_bad_input_gives_one_line(tmp_path):
     assert_one_line_error(run_script('racing_dcgan', ['--img_size', '48'], tmp_path), '--img_size 48', 'power of two')
     assert_one_line_error(run_script('racing_dcgan', ['--n_gen', '0'], tmp_path), '--n_gen')

@@ -195,6 +195,14 @@ def test_torchrun_two_processes_keep_identical_critics(tmp_path):
     assert result.stdout.count('trained the digits digit classifier') == 1
 
 
+@pytest.mark.parametrize('flag, value', [('--lr', '-1'), ('--race_weight', '-1'), ('--clip_value', '0'), ('--gp', '-1'), ('--n_critic', '0')])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        racing_wgan.parser.parse_args([flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]
+
+
 def test_bad_input_gives_one_line(tmp_path):
     assert_one_line_error(run_script('racing_wgan', ['--n_gen', '0'], tmp_path), '--n_gen')
     assert_one_line_error(run_script('racing_wgan', ['--dataset', 'folder', '--data_root', tmp_path / 'nope'],
