@@ -479,9 +479,8 @@ def main():
     def images_fn(n):  # fid.py wants images only
         return sample_fn(n)[0] if n_classes else sample_fn(n)
 
-    if args.generate:   # --generate N: samples as the grids draw them (EMA, truncation), no training
-        return common.write_generated(
-            run, lambda n, y: generate(sample_z(n, args.latent_dim, args.truncation, dev), y)[None], n_classes)
+    if args.generate:   # --generate N: final samples (EMA, truncation, standing statistics), no training
+        return common.write_generated(run, lambda n, y: sample_images(n, y)[0][None], n_classes, chunk=1000)
 
     zero = torch.zeros((), device=dev)
     loss_D = loss_G = ortho = zero

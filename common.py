@@ -2,7 +2,7 @@
 
 Sections, top to bottom:
   1. Errors       UserError and the one-line error path
-  2. Data         every data set of DESIGN section 3, in memory, batched by indexing
+  2. Data         the data sets (README, Data sets), in memory, batched by indexing
   3. Networks     MLP and Radford DCGAN nets; K generators (or critics) run as one module
   4. Run plumbing flags, device, seeding, AMP, DDP, checkpoints, logging, outputs
   5. Metrics      2-D mode coverage, the digit classifier, fd_digits, stacked modes
@@ -305,7 +305,7 @@ def toy_centres(name):
 
 def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_toy=100_000,
               seed=1234):
-    """Load a data set of DESIGN section 3 into memory (CPU); `.to(device)` moves it."""
+    """Load a data set by name (DATASETS) into memory (CPU); `.to(device)` moves it."""
     if name not in DATASETS:
         raise UserError(f'unknown data set {name!r}: choose one of {", ".join(DATASETS)}')
     if name in TOY_SETS:
@@ -554,10 +554,10 @@ class DCGANDiscriminator(nn.Module):
 # ----------------------------------------------------------------------------
 
 def base_parser(description, dataset='digits'):
-    """The flags every script shares (DESIGN section 2). Scripts add their own and set_defaults."""
+    """The flags every script shares (README, Flags). Scripts add their own and set_defaults."""
     p = Parser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
-    a('--dataset', default=dataset, choices=DATASETS, help='data set (DESIGN section 3)')
+    a('--dataset', default=dataset, choices=DATASETS, help='data set: digits is embedded (offline); ring8/grid25 are 2-D')
     a('--data_root', default='./data', help='where torchvision data sets, folders and caches live')
     a('--subset', type=non_negative_int, default=0, help='use only the first N images (0 = all)')
     a('--img_size', type=positive_int, default=32, help='image size (a power of two for conv nets)')
@@ -868,13 +868,14 @@ class StopSignals:
         self.previous = {}
 
 
-def write_generated(run, sample_each, n_classes=0):
+def write_generated(run, sample_each, n_classes=0, chunk=None):
     """--generate N: N samples of the run's mixture in RUN/generated/all/, and for several generators N
     of each in g<k>/ (the mixture interleaves these draws: equal shares), for a class-conditional run
     N of each class in class<c>/ (classes uniform in all/). uint8 PNGs 000000.png, ... at the trained
     size (grey or colour as trained); 2-D sets write all.npy and g<k>.npy. Drawn and written a batch
-    at a time. sample_each(m, classes) -> (K, m, ...) in [-1, 1]; classes is (m,) labels or None."""
-    n, chunk = run.args.generate, run.args.batch_size
+    at a time: sample_each(m, classes) -> (K, m, ...) in [-1, 1], classes (m,) labels or None, m at most
+    `chunk` (default the batch size: train-mode batch norm then sees batches as in training)."""
+    n, chunk = run.args.generate, chunk or run.args.batch_size
     root = os.path.join(run.out_dir, 'generated')
     shutil.rmtree(root, ignore_errors=True)     # an earlier --generate's files, not a mix of both
     os.makedirs(root)
@@ -1432,7 +1433,7 @@ def plot_metrics(csv_paths, png_path, labels=None):
 # ----------------------------------------------------------------------------
 
 def mode_coverage_2d(samples, centres, std):
-    """DESIGN 4: a sample is high quality within 3 std of its nearest centre; a mode is covered
+    """A sample is high quality within 3 std of its nearest centre; a mode is covered
     when some high-quality sample is nearest to it; KL(histogram of HQ samples over modes || uniform)."""
     samples, centres = samples.float().cpu(), centres.float().cpu()
     dist_, nearest = torch.cdist(samples, centres).min(1)
@@ -1531,7 +1532,7 @@ def gaussian_frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 class Evaluator:
-    """The offline quality figures DESIGN 4 names for a data set, computed from a sampler.
+    """The offline quality figures of a data set, computed from a sampler.
 
     `evaluate(sample_fn)`: sample_fn(n) gives n samples in [-1, 1] (or 2-D points), or for a
     class-conditional generator (samples, the classes they were asked to show).

@@ -79,7 +79,7 @@ def figures(name, results):
     ax.axhline(0, color='k', lw=0.6, ls='--')
     ax.set_xlabel('discriminator updates')
     ax.set_ylabel('log(L_G / L_D)')
-    ax.set_title(f'{name}: log loss ratio (seed 003, Figure 1)' + (f'; seeds {args.seeds}' if len(args.seeds) > 1 else ''))
+    ax.set_title(f'{name}: log loss ratio (Weaver, Figure 1)' + (f'; seeds {args.seeds}' if len(args.seeds) > 1 else ''))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f'g_advantage_{name}{args.tag}_logratio.png'), dpi=100)

@@ -1,5 +1,5 @@
-"""The experiment seed 000 asked and left inconclusive: does racing reach a given quality sooner
-than the single-generator model, counted in iterations and in wall-clock seconds?
+"""The experiment the Racing-GAN paper (Paul and Saha) asked and left inconclusive: does racing
+reach a given quality sooner than the single-generator model, counted in iterations and in wall-clock seconds?
 
 For racing_wgan.py and racing_dcgan.py on digits: --n_gen 1 against --n_gen 2 with each
 --race_mode (lag, paper, off), and for racing_dcgan also lag and off with --joint_fake_bn, over --seeds seeds, fd_digits every --*_eval iterations (FID as well

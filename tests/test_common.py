@@ -289,7 +289,7 @@ def test_digit_classifier_is_accurate_and_cached(data_root):
 # ---- copying a script, --ddp, bad input after the run folder ---------------------------------
 
 def test_a_script_copied_with_common_alone_runs(tmp_path):
-    """DESIGN 1: a script copied beside common.py runs (digits: with data/digits.npz); fid.py is
+    """A script copied beside common.py runs (digits: with data/digits.npz); fid.py is
     needed only for --fid_every, and its absence is a one-line error."""
     for name in ('racing_wgan.py', 'common.py', 'data/digits.npz'):
         (tmp_path / name).parent.mkdir(exist_ok=True)
