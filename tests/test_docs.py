@@ -141,7 +141,9 @@ def links(path):
     return re.findall(r'\]\(([^)\s]+)\)', text) + re.findall(r'<img[^>]*\ssrc="([^"]+)"', text)
 
 
-ALL_LINKS = [(path, target) for path in DOCS for target in links(path)
+RESULTS = sorted(os.path.join('bench', 'results', f) for f in os.listdir(os.path.join(REPO, 'bench', 'results'))
+                 if f.endswith('.md'))
+ALL_LINKS = [(path, target) for path in DOCS + RESULTS for target in links(path)
              if not re.match(r'[a-z]+:', target)]    # http(s):, mailto:
 
 
