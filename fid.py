@@ -1,11 +1,12 @@
-"""FID, Inception Score and KID with the Inception network pytorch-fid uses.
+"""FID, Inception Score, KID and precision/recall/density/coverage with the
+Inception network pytorch-fid uses.
 
 Usable as a CLI (`python fid.py PATH1 PATH2`, same flags and output as
 `python -m pytorch_fid`) and from training loops (statistics straight from
 tensors or a generator, streaming, cached reference statistics, torchrun).
 
 Sections: 1 weights, 2 network, 3 streaming statistics and extraction,
-4 metrics (Frechet distance, IS, KID), 5 training-loop helpers, 6 CLI.
+4 metrics (Frechet distance, IS, KID, PRDC), 5 training-loop helpers, 6 CLI.
 """
 import argparse
 import hashlib
@@ -802,6 +803,399 @@ def kernel_inception_distance(feats1, feats2, n_subsets=100, subset_size=1000, s
         off = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
         vals.append(off / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
     return float(np.mean(vals)), float(np.std(vals))
+
+
+# --- precision, recall, density, coverage ----------------------------------
+#
+# Exact k-NN in blocks. One float32 matmul gives a block of squared distances
+# with a proven error bound (_Points.bound); only the comparisons that the
+# bound leaves undecided are settled with exact distances (float64, from the
+# differences), rounded as the reference rounds them (_as_reference).
+
+PRDC_CHUNK = 2048          # rows per distance block on a CPU (a multiple of 64)
+PRDC_CHUNK_CUDA = 8192     # on a GPU
+_EXTRA = 4                 # nearest-neighbour candidates kept beyond the k + 1
+_ROW_GROUP = 32            # block columns summarised by one minimum (row search)
+_COL_GROUP = 16            # block rows summarised by one minimum (column search)
+_BIG = 1e30                # squared distance of a padding row to anything
+_TINY = 1e-30              # absolute slack on every bound (float32 underflow)
+_DELTA = 1e-6              # relative slack: rounding of d^2 and sqrt(d^2) to
+                           # float32 cannot move d^2 across r^2 (1 +- 1e-6)
+_U32, _U64 = 2.0 ** -24, 2.0 ** -53
+
+
+def _gamma(k, u):
+    """Higham's gamma_k: a length-k dot product summed in any order, rounding
+    to unit u, is within gamma_k * sum |a_i b_i| of the exact value."""
+    return k * u / (1 - k * u)
+
+
+def _prdc_features(x, what, device=None):
+    """(N, D) features as a contiguous tensor on `device` (default: their own),
+    float32, or float64 for any other type (as sklearn promotes them)."""
+    if not torch.is_tensor(x):
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    x = x.detach()
+    if x.dim() != 2:
+        raise FIDError(f'{what} features must be a 2-D (N, D) array, got shape {tuple(x.shape)}')
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float64)
+    x = x.to(device or x.device).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise FIDError(f'{what} features contain NaN or inf')
+    return x
+
+
+class _Points:
+    """A feature set for the distance blocks: rows padded to a multiple of 64,
+    float32 copies augmented so that one matmul gives squared distances,
+
+        left_i = [x_i, |x_i|^2, 1],  right_j = [-2 x_j, 1, |x_j|^2],
+        left_i . right_j = |x_i - x_j|^2,
+
+    padding rows [0, BIG, 1] and [0, 0, BIG] (BIG away from every point)."""
+
+    def __init__(self, x):
+        self.x, self.n, self.d = x, x.shape[0], x.shape[1]
+        self.f32 = x.dtype == torch.float32
+        self.x32 = x.to(torch.float32)
+        self.sq = torch.cat([self.x32[s:s + 4096].double().pow(2).sum(1)   # |x32|^2,
+                             for s in range(0, self.n, 4096)])             # float64
+        self.sqmax = float(self.sq.max()) if self.n else 0.0
+        if self.sqmax > 1e28:
+            raise FIDError(f'features too large for float32 distances '
+                           f'(|x|^2 up to {self.sqmax:.3g})')
+        self.width = -(-(self.d + 2) // 16) * 16          # zero columns: aligned
+        self.pad = -(-self.n // 64) * 64
+
+    def _augmented(self, scale, col_norm, col_one, pad_row):
+        out = self.x32.new_zeros(self.pad, self.width)
+        out[:self.n, :self.d] = self.x32 * scale
+        out[:self.n, col_norm] = self.sq.to(torch.float32)
+        out[:self.n, col_one] = 1
+        out[self.n:, self.d:self.d + 2] = out.new_tensor(pad_row)
+        return out
+
+    def left(self):
+        return self._augmented(1, self.d, self.d + 1, [_BIG, 1])
+
+    def right(self):
+        return self._augmented(-2, self.d + 1, self.d, [0, _BIG])
+
+    def bound(self, other):
+        """Coefficient c with |approx d^2 - d^2| <= c (|x_i|^2 + |y_j|^2) (+ _TINY)
+        for the blocks of self against `other`: the matmul's terms sum in absolute
+        value to at most 2 (|x_i|^2 + |y_j|^2); the norms are rounded once to
+        float32; float64 features are rounded to float32 (4u more)."""
+        c = 2 * _gamma(self.width, _U32) + 2 * _U32
+        if not (self.f32 and other.f32):
+            c += 4 * _U32
+        return 1.01 * c
+
+
+def _blocks(pad, chunk):
+    return [(s, min(s + chunk, pad)) for s in range(0, pad, chunk)]
+
+
+def _row_smallest(m, kk, g):
+    """The kk smallest entries of each row of a block and their columns, found
+    among the kk column groups with the smallest minima (the kk smallest
+    entries lie in at most kk groups, all among those)."""
+    h, w = m.shape
+    gm = m.view(h, w // g, g).amin(2)
+    if gm.shape[1] > kk:
+        sel = gm.topk(kk, 1, largest=False, sorted=False).indices
+        cols = (sel.unsqueeze(2) * g + torch.arange(g, device=m.device)).view(h, -1)
+        vals = m.gather(1, cols)
+    else:
+        cols, vals = torch.arange(w, device=m.device).expand(h, w), m
+    v, pos = vals.topk(min(kk, vals.shape[1]), 1, largest=False, sorted=False)
+    return v, cols.gather(1, pos)
+
+
+def _col_smallest(m, kk, g):
+    """_row_smallest for the columns of a block (the rows of its transpose)."""
+    h, w = m.shape
+    gm = m.view(h // g, g, w).amin(1)
+    if gm.shape[0] > kk:
+        sel = gm.topk(kk, 0, largest=False, sorted=False).indices
+        rows = (sel.unsqueeze(1) * g + torch.arange(g, device=m.device)[:, None]).view(-1, w)
+        vals = m.gather(0, rows)
+    else:
+        rows, vals = torch.arange(h, device=m.device)[:, None].expand(h, w), m
+    vals, rows = vals.T.contiguous(), rows.T
+    v, pos = vals.topk(min(kk, vals.shape[1]), 1, largest=False, sorted=False)
+    return v, rows.gather(1, pos)
+
+
+def _merge(vals, idx, r0, v, c):
+    """Keep, for rows r0.., the smallest of their kept and their new candidates."""
+    h = v.shape[0]
+    cv = torch.cat([vals[r0:r0 + h], v], 1)
+    ci = torch.cat([idx[r0:r0 + h], c], 1)
+    top = cv.topk(vals.shape[1], 1, largest=False, sorted=False)
+    vals[r0:r0 + h] = top.values
+    idx[r0:r0 + h] = ci.gather(1, top.indices)
+
+
+def _shard(items):
+    """This rank's share of the work items under torch.distributed."""
+    rank, world = _dist()
+    return items[rank::world]
+
+
+def _candidates(p, kk, chunk):
+    """For every row of p, the kk smallest approximate squared distances to
+    the rows of p (itself included) and their columns. Blocks above the
+    diagonal only: each serves its rows and, transposed, its columns. Under
+    torch.distributed the blocks are sharded and the candidates merged."""
+    vals = torch.full((p.pad, kk), float('inf'), device=p.x.device)
+    idx = torch.zeros((p.pad, kk), dtype=torch.long, device=p.x.device)
+    left, right = p.left(), p.right()
+    buf = left.new_empty(chunk * chunk)
+    blocks = _blocks(p.pad, chunk)
+    pairs = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
+    for (i0, i1), (j0, j1) in _shard(pairs):
+        m = torch.mm(left[i0:i1], right[j0:j1].T, out=buf[:(i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+        v, c = _row_smallest(m, kk, _ROW_GROUP)
+        _merge(vals, idx, i0, v, c + j0)
+        if i0 != j0:
+            v, c = _col_smallest(m, kk, _COL_GROUP)
+            _merge(vals, idx, j0, v, c + i0)
+    if _dist()[1] > 1:
+        dev = _comm_device()
+        parts = []
+        for t in (vals, idx):
+            got = [torch.empty_like(t, device=dev) for _ in range(_dist()[1])]
+            dist.all_gather(got, t.to(dev))
+            parts.append(torch.cat(got, 1).to(t.device))
+        top = parts[0].topk(kk, 1, largest=False, sorted=False)
+        vals, idx = top.values, parts[1].gather(1, top.indices)
+    return vals[:p.n], idx[:p.n]
+
+
+def _exact_d2(x, y, i, j):
+    """|x_i - y_j|^2 for index pairs, in float64 from the differences (exact
+    products of float32 values; relative error <= D * 2^-53), in chunks."""
+    out = torch.empty(len(i), dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 22) // max(1, x.shape[1]))
+    for s in range(0, len(i), step):
+        d = x[i[s:s + step]].double() - y[j[s:s + step]].double()
+        out[s:s + step] = d.mul_(d).sum(1)
+    return out
+
+
+def _as_reference(d2, f32):
+    """Distances from exact squared distances, rounded as the reference's
+    sklearn rounds them: float32 squared distance, float32 sqrt (float64
+    throughout for float64 features)."""
+    d2 = d2.cpu().numpy()
+    return np.sqrt(d2.astype(np.float32)) if f32 else np.sqrt(d2)
+
+
+def _radii(p, k, chunk):
+    """Distance of every row of p to its k-th nearest neighbour in p, itself
+    excluded: the (k+1)-th smallest distance with itself (0) included, as the
+    reference takes it; rounded as the reference rounds (numpy array).
+
+    With a = the (k+1)-th smallest approximate value and e the row's error
+    bound, at most k entries lie truly below a - e and the (k+1)-th is at most
+    a + e; so entries approximately below a - 2e are certainly below it,
+    entries above a + 2e certainly above, and it is found among the band in
+    between, computed exactly. A row whose kept candidates may miss part of
+    the band goes through _radii_dense."""
+    kk = min(k + 1 + _EXTRA, p.n)
+    vals, idx = _candidates(p, kk, chunk)
+    vals, order = vals.double().sort(1)
+    idx = idx.gather(1, order)
+    e = p.bound(p) * (p.sq + p.sqmax) + _TINY
+    a = vals[:, k]
+    lo, hi = (a - 2 * e)[:, None], (a + 2 * e)[:, None]
+    complete = vals[:, -1] > hi[:, 0] if kk < p.n else torch.ones_like(a, dtype=torch.bool)
+    band = (vals >= lo) & (vals <= hi) & complete[:, None]
+    below = (vals < lo).sum(1)
+    r, c = band.nonzero(as_tuple=True)
+    exact = torch.full_like(vals, float('inf'))
+    exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c])
+    pick = (k - below).clamp(0, kk - 1)[:, None]
+    d2 = exact.sort(1).values.gather(1, pick)[:, 0]
+    rest = (~complete).nonzero()[:, 0]
+    if len(rest):
+        d2[rest] = _radii_dense(p, rest, k, chunk)
+    return _as_reference(d2, p.f32)
+
+
+def _radii_dense(p, rows, k, chunk):
+    """_radii for rows whose band did not fit among the candidates (many points
+    at nearly the same distance: duplicates, tight clusters): all their
+    distances in float64 (matmul, error <= c64 (|x_i|^2 + |x_j|^2)), then the
+    band around the (k+1)-th smallest computed from the differences. Exact
+    duplicates short-cut: if the smallest band entries are exactly 0, so is
+    the answer."""
+    c64 = 1.01 * (3 * _gamma(p.d, _U64) + 4 * _U64)
+    x64 = p.x.double()
+    sq = x64.pow(2).sum(1)
+    out = torch.empty(len(rows), dtype=torch.float64, device=p.x.device)
+    step = max(1, chunk * chunk // max(1, p.n))
+    for s in range(0, len(rows), step):
+        rs = rows[s:s + step]
+        d2 = sq[rs, None] + sq[None, :] - 2 * (x64[rs] @ x64.T)
+        e = (c64 * (sq[rs] + sq.max()) + _TINY)[:, None]
+        a = d2.kthvalue(k + 1, 1).values[:, None]
+        below = (d2 < a - 2 * e).sum(1)
+        band = (d2 - a).abs() <= 2 * e
+        for t, r in enumerate(rs.tolist()):
+            cols = band[t].nonzero()[:, 0]
+            cols = cols[d2[t, cols].argsort()]
+            need = k - int(below[t])             # index of the answer in the band
+            first = _exact_d2(p.x, p.x, cols.new_full((need + 1,), r), cols[:need + 1])
+            if bool((first == 0).all()):
+                out[s + t] = 0.0
+                continue
+            ex = _exact_d2(p.x, p.x, cols.new_full((len(cols),), r), cols)
+            out[s + t] = ex.sort().values[need]
+    return out
+
+
+def _up32(t):
+    """float64 -> float32, rounded up (a safe threshold)."""
+    t32 = t.to(torch.float32)
+    return torch.where(t32.double() < t, torch.nextafter(t32, t32.new_tensor(float('inf'))), t32)
+
+
+def _cross(real, fake, r_real, r_fake, chunk):
+    """Counts over real x fake pairs, sharded by blocks under torch.distributed
+    and summed over ranks: (fakes inside >= 1 real ball, real balls holding
+    >= 1 fake, reals inside >= 1 fake ball, pairs with the fake inside the
+    real ball). A block's candidate pairs come from minima over groups of 16
+    reals; a pair is decided by the approximate distance unless it lies
+    within the error bound (plus rounding slack) of the radius, in which case
+    its exact distance decides, rounded as the reference rounds it."""
+    dev, f32 = real.x.device, real.f32 and fake.f32
+    c = real.bound(fake)
+    g = _COL_GROUP
+    rr = torch.as_tensor(r_real, dtype=torch.float64, device=dev)
+    rf = torch.as_tensor(r_fake, dtype=torch.float64, device=dev)
+    r2, f2 = rr * rr, rf * rf
+    # ball i can hold pair (i, j) only if approx d^2 <= t_real[i] (and likewise for fake balls)
+    ninf = float('-inf')
+    t_real = torch.full((real.pad,), ninf, dtype=torch.float32, device=dev)
+    t_fake = torch.full((fake.pad,), ninf, dtype=torch.float32, device=dev)
+    t_real[:real.n] = _up32(torch.where(r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
+    t_fake[:fake.n] = _up32(torch.where(f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
+    t_group = t_real.view(-1, g).amax(1)
+    left, right = real.left(), fake.right()
+    buf = left.new_empty(chunk * chunk)
+    pairs = [(a, b) for a in _blocks(real.pad, chunk) for b in _blocks(fake.pad, chunk)]
+    precision = torch.zeros(fake.n, dtype=torch.long, device=dev)
+    coverage = torch.zeros(real.n, dtype=torch.long, device=dev)
+    recall = torch.zeros(real.n, dtype=torch.long, device=dev)
+    inside = torch.zeros((), dtype=torch.long, device=dev)
+    unsure = []
+    for (i0, i1), (j0, j1) in _shard(pairs):
+        m = torch.mm(left[i0:i1], right[j0:j1].T, out=buf[:(i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+        gm = m.view(-1, g, j1 - j0).amin(1)
+        gi, j = (gm <= torch.maximum(t_group[i0 // g:i1 // g, None], t_fake[None, j0:j1])).nonzero(as_tuple=True)
+        i = gi[:, None] * g + torch.arange(g, device=dev)
+        j = j[:, None].expand_as(i)
+        d = m[i, j]
+        i, j = i + i0, j + j0
+        ok = (d <= torch.maximum(t_real[i], t_fake[j])).nonzero(as_tuple=True)
+        i, j, d = i[ok], j[ok], d[ok].double()
+        ok = (i < real.n) & (j < fake.n)
+        i, j, d = i[ok], j[ok], d[ok]
+        e = c * (real.sq[i] + fake.sq[j]) + _TINY
+        ra, rb = r2[i], f2[j]
+        a_in = (d < ra * (1 - _DELTA) - e) & (ra > 0)
+        b_in = (d < rb * (1 - _DELTA) - e) & (rb > 0)
+        a_unsure = ~a_in & (d <= ra * (1 + _DELTA) + e) & (ra > 0)
+        b_unsure = ~b_in & (d <= rb * (1 + _DELTA) + e) & (rb > 0)
+        inside += a_in.sum()
+        precision[j[a_in]] = 1
+        coverage[i[a_in]] = 1
+        recall[i[b_in]] = 1
+        u = a_unsure | b_unsure
+        unsure.append(torch.stack([i[u], j[u], a_unsure[u].long(), b_unsure[u].long()]))
+    if unsure:
+        i, j, a_u, b_u = torch.cat(unsure, 1)
+        if len(i):
+            dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j), f32)
+            a = torch.from_numpy((dist_ < np.asarray(r_real)[i.cpu().numpy()])).to(dev) & a_u.bool()
+            b = torch.from_numpy((dist_ < np.asarray(r_fake)[j.cpu().numpy()])).to(dev) & b_u.bool()
+            inside += a.sum()
+            precision[j[a]] = 1
+            coverage[i[a]] = 1
+            recall[i[b]] = 1
+    counts = torch.cat([inside[None], precision, coverage, recall])
+    if _dist()[1] > 1:
+        out = counts.to(_comm_device())
+        dist.all_reduce(out)
+        counts = out.to(dev)
+    counts = counts.cpu()
+    return (int(counts[0]), (counts[1:1 + fake.n] > 0).numpy(),
+            (counts[1 + fake.n:1 + fake.n + real.n] > 0).numpy(),
+            (counts[1 + fake.n + real.n:] > 0).numpy())
+
+
+@contextmanager
+def _fp32_matmul(device):
+    """Full-precision float32 matmuls: _exact_fp32 (no TF32 on CUDA, no
+    autocast), and on a CPU no oneDNN bf16/TF32 for float32 (which
+    torch.set_float32_matmul_precision('medium') turns on), restored after."""
+    mk = getattr(getattr(torch.backends, 'mkldnn', None), 'matmul', None)
+    saved = getattr(mk, 'fp32_precision', None) if device.type == 'cpu' else None
+    with _exact_fp32(device):
+        if saved not in (None, 'none', 'ieee'):
+            mk.fp32_precision = 'ieee'
+        try:
+            yield
+        finally:
+            if saved not in (None, 'none', 'ieee'):
+                mk.fp32_precision = saved
+
+
+def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
+    """dict(precision, recall, density, coverage) of fake against real features
+    (numpy arrays or tensors, (N, D) and (M, D)), exactly as the reference
+    `prdc` package (Naeem et al. 2020) computes them:
+
+    radius of a point = distance to its nearest_k-th nearest neighbour in its
+    own set (itself excluded); "inside" = distance < radius (strict);
+    precision = fraction of fakes inside >= 1 real ball; recall = fraction of
+    reals inside >= 1 fake ball; density = mean over fakes of the number of
+    real balls holding it, / nearest_k; coverage = fraction of reals whose
+    ball holds >= 1 fake.
+
+    Exact k-NN on the features' device, in blocks of chunk_size rows (memory:
+    a few chunk_size^2 float32 blocks besides float32 copies of the features;
+    default PRDC_CHUNK, PRDC_CHUNK_CUDA on a GPU). Distances are those the
+    reference computes, without its rounding noise: exact, then rounded to
+    float32 (float64 for float64 features) as sklearn rounds them. Under
+    torch.distributed (every rank passing the same features) the blocks are
+    sharded across ranks and the counts summed; every rank gets the result."""
+    if isinstance(nearest_k, bool) or not isinstance(nearest_k, (int, np.integer)) or nearest_k < 1:
+        raise FIDError(f'nearest_k must be an integer >= 1, not {nearest_k!r}')
+    k = int(nearest_k)
+    real = _prdc_features(real_features, 'real')
+    fake = _prdc_features(fake_features, 'fake', real.device)
+    if real.shape[1] != fake.shape[1]:
+        raise FIDError(f'real and fake features have different dimensions: '
+                       f'{real.shape[1]} vs {fake.shape[1]}')
+    for x, what in ((real, 'real'), (fake, 'fake')):
+        if len(x) < k + 1:
+            raise FIDError(f'prdc with nearest_k={k} needs at least {k + 1} {what} '
+                           f'samples, got {len(x)}')
+    if chunk_size is None:
+        chunk_size = PRDC_CHUNK_CUDA if real.device.type == 'cuda' else PRDC_CHUNK
+    chunk = max(64, -(-int(chunk_size) // 64) * 64)
+    with torch.no_grad(), _fp32_matmul(real.device):
+        real, fake = _Points(real), _Points(fake)
+        r_real = _radii(real, k, chunk)
+        r_fake = _radii(fake, k, chunk)
+        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk)
+    return dict(precision=float(prec.mean()), recall=float(rec.mean()),
+                density=float((1.0 / k) * (inside / fake.n)),
+                coverage=float(cov.mean()))
 
 
 # ---------------------------------------------------------------------------
