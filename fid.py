@@ -1292,6 +1292,11 @@ def _parser():
     p.add_argument('--is', dest='isc', action='store_true',
                    help='also print the Inception Score of each folder')
     p.add_argument('--kid', action='store_true', help='also print KID (folders only)')
+    p.add_argument('--prdc', action='store_true',
+                   help='also print precision, recall, density and coverage of PATH2 '
+                        'against PATH1 (folders only; Naeem et al. 2020)')
+    p.add_argument('--prdc-k', type=int, default=5,
+                   help='nearest neighbours that set the radii for --prdc')
     return p
 
 
@@ -1308,6 +1313,10 @@ def _cli(args):
         raise FIDError(f'--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)')
     if args.num_workers is not None and args.num_workers < 0:
         raise FIDError('--num-workers must be 0 or more')
+    if args.prdc_k < 1:
+        raise FIDError('--prdc-k must be at least 1')
+    if args.prdc and args.save_stats:
+        raise FIDError('--prdc compares two image folders; it does not go with --save-stats')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
         if device.type == 'cuda':          # torchrun: one GPU per rank
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
@@ -1333,7 +1342,13 @@ def _cli(args):
     folders = [isinstance(x, list) for x in inputs]
     if args.kid and not all(folders):
         raise FIDError('--kid needs two image folders (.npz files hold only mu/sigma)')
+    if args.prdc and not all(folders):
+        raise FIDError('--prdc needs two image folders (.npz files hold only mu/sigma, '
+                       'not the features)')
     for p, x in zip(paths, inputs):
+        if args.prdc and len(x) < args.prdc_k + 1:
+            raise FIDError(f'{p}: {len(x)} images; --prdc with --prdc-k {args.prdc_k} '
+                           f'needs at least {args.prdc_k + 1}')
         if any(folders) and not isinstance(x, list) and len(x['mu']) != args.dims:
             raise FIDError(f'{p} holds {len(x["mu"])}-d statistics but --dims is '
                            f'{args.dims}')
@@ -1342,8 +1357,11 @@ def _cli(args):
     if any(folders):
         model = load_inception(args.weights, device, args.dims)
         stats = [extract_folder(x, model, args.batch_size, workers,
-                                features=args.kid, logits=args.isc)
+                                features=args.kid or args.prdc, logits=args.isc)
                  if isinstance(x, list) else x for x in inputs]
+    pr = None
+    if args.prdc:                         # every rank takes its share of the blocks
+        pr = prdc(stats[0]['features'], stats[1]['features'], args.prdc_k)
     if _dist()[0] != 0:
         return None
     if args.save_stats:
@@ -1354,6 +1372,8 @@ def _cli(args):
     if args.kid:
         out.append('KID:  %s %s' % kernel_inception_distance(stats[0]['features'],
                                                             stats[1]['features']))
+    if pr is not None:
+        out += [f'{name}: {pr[name]}' for name in ('precision', 'recall', 'density', 'coverage')]
     (m1, s1), (m2, s2) = [(s['mu'], s['sigma']) for s in stats]
     out.append(f'FID:  {frechet_distance(m1, s1, m2, s2)}')
     return out

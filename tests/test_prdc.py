@@ -1,6 +1,6 @@
-"""Tests for fid.prdc (precision, recall, density, coverage). The reference is
-the `prdc` package (installed), and a brute-force formula written here from
-the definitions (Naeem et al. 2020)."""
+"""Tests for fid.prdc (precision, recall, density, coverage) and its CLI flags.
+The reference is the `prdc` package (installed), and a brute-force formula
+written here from the definitions (Naeem et al. 2020)."""
 import contextlib
 import io
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -237,3 +238,69 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     one = fid.prdc(real, fake, 3)
     assert_same(got, one, 'torchrun')
     assert_same(one, brute_force(real, fake, 3), 'brute force')
+
+
+# --- CLI -----------------------------------------------------
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    home = tmp_path_factory.mktemp('torch_home')
+    (home / 'hub' / 'checkpoints').mkdir(parents=True)
+    torch.save(fid.random_weights(0), home / 'hub' / 'checkpoints' / fid.WEIGHTS_FILE)
+    return home
+
+
+@pytest.fixture
+def torch_home(weights, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(weights))
+    monkeypatch.delenv('FID_WEIGHTS', raising=False)
+    return weights
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    """Two folders of 8 small noisy PNGs (B brighter than A)."""
+    root = tmp_path_factory.mktemp('prdc_images')
+    out = []
+    for name, shift in (('A', 0), ('B', 60)):
+        rng = np.random.default_rng(len(name) + shift)
+        (root / name).mkdir()
+        for i in range(8):
+            img = np.clip(rng.normal(100 + shift, 40, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f'{i}.png')
+        out.append(str(root / name))
+    return out
+
+
+def run_cli(capsys, *argv):
+    rc = fid.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out.strip().splitlines(), [l for l in cap.err.splitlines() if l]
+
+
+def test_cli_prdc_equals_api(torch_home, folders, capsys):
+    rc, out, err = run_cli(capsys, *folders, '--dims', 64, '--prdc', '--prdc-k', 2, '--kid')
+    assert rc == 0 and not err, err
+    assert [l.split(':')[0] for l in out] == ['KID', *KEYS, 'FID']      # FID stays last
+    model = fid.load_inception(dims=64)
+    feats = [fid.extract_folder(f, model, features=True)['features'] for f in folders]
+    api = fid.prdc(feats[0], feats[1], 2)
+    assert {l.split(': ')[0]: float(l.split(': ')[1]) for l in out[1:5]} == api
+    assert api == reference(feats[0], feats[1], 2)
+
+
+def test_cli_prdc_errors_one_line(torch_home, folders, tmp_path, capsys):
+    np.savez(tmp_path / 's.npz', mu=np.zeros(64), sigma=np.eye(64))
+    few = tmp_path / 'few'
+    few.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(few / f'{i}.png')
+    cases = [
+        ([tmp_path / 's.npz', folders[1], '--dims', 64, '--prdc'], '--prdc needs two image folders'),
+        ([folders[0], few, '--prdc'], '3 images; --prdc with --prdc-k 5 needs at least 6'),
+        ([folders[0], folders[1], '--prdc', '--prdc-k', 0], '--prdc-k must be at least 1'),
+        ([folders[0], tmp_path / 'o.npz', '--prdc', '--save-stats'], 'does not go with --save-stats'),
+    ]
+    for argv, msg in cases:
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 2 and len(err) == 1 and err[0].startswith('error: ') and msg in err[0], (msg, err)
