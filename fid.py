@@ -516,15 +516,51 @@ def _all_gather_rows(x):
     return out
 
 
+# A progress bar (tqdm, on stderr) while features are extracted: None shows it
+# only when stderr is a terminal (never in a log file), True/False force it.
+# The extract_* functions' `progress` argument overrides this per call.
+PROGRESS = None
+
+
+def _stderr_is_tty():
+    """Whether stderr is a terminal (the default for showing a progress bar)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):       # replaced or closed stream
+        return False
+
+
+def _progress_bar(total, desc, progress=None):
+    """A tqdm bar counting images (rank 0 only), or None when not shown."""
+    show = PROGRESS if progress is None else progress
+    if show is None:
+        show = _stderr_is_tty()
+    if not show or _dist()[0] != 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit='img', file=sys.stderr, dynamic_ncols=True)
+
+
 class _Extractor:
     """Runs batches through the model, feeding RunningStats and, when asked
-    (IS, KID), keeping the features and logits."""
+    (IS, KID, PRDC), keeping the features and logits; counts images on a
+    progress bar (see PROGRESS) of `total` images."""
 
-    def __init__(self, model, features=False, logits=False):
+    def __init__(self, model, features=False, logits=False, total=None,
+                 desc='features', progress=None):
         self.model, self.keep, self.want_logits = model, features, logits
         self.device = next(model.parameters()).device
         self.stats = RunningStats(model.dims)
         self.feats, self.logits = [], []
+        self.bar = _progress_bar(total, desc, progress)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     @torch.no_grad()
     def add(self, x, zero_one=False):
@@ -536,9 +572,12 @@ class _Extractor:
             self.feats.append(f.cpu())
         if lg is not None:
             self.logits.append(lg.cpu())
+        if self.bar is not None:
+            self.bar.update(len(x))
 
     def result(self):
         """dict with mu, sigma (and features, logits): same on every rank."""
+        self.close()
         res = dict(zip(('mu', 'sigma'), self.stats.all_reduce().mean_cov()))
         for name, rows in (('features', self.feats), ('logits', self.logits)):
             if rows:
@@ -552,13 +591,15 @@ def _stack_images(items):
 
 
 def extract_images(images, model, batch_size=50, num_workers=0,
-                   features=False, logits=False):
+                   features=False, logits=False, progress=None):
     """dict(mu, sigma[, features][, logits]) of a (N, C, H, W) tensor in
     [-1, 1] (or uint8 in 0..255), or of a data set whose items are such
     images (or (image, label) tuples). Sharded across ranks under torch.distributed (images
-    rank::world); every rank gets the same result, rows in the original order."""
+    rank::world); every rank gets the same result, rows in the original order.
+    `progress`: a progress bar on stderr (None: PROGRESS decides)."""
     rank, world = _dist()
-    ex = _Extractor(model, features, logits)
+    ex = _Extractor(model, features, logits, len(range(rank, len(images), world)),
+                    'images', progress)
     if torch.is_tensor(images):
         shard = images[rank::world]
         for i in range(0, len(shard), batch_size):
@@ -577,16 +618,17 @@ def extract_images(images, model, batch_size=50, num_workers=0,
 
 
 def extract_generator(sample_fn, n_samples, model, batch_size=50,
-                      features=False, logits=False):
+                      features=False, logits=False, progress=None):
     """dict(mu, sigma[, features][, logits]) of n_samples images drawn as
     sample_fn(n) -> (n, C, H, W) in [-1, 1] on any device, under no_grad.
     Under torch.distributed each rank keeps its share of the draws and every
     rank gets the same result; every rank calls sample_fn with the same sizes
-    (ceil(n / world) in all), so sample_fn may itself be a collective."""
+    (ceil(n / world) in all), so sample_fn may itself be a collective.
+    `progress`: a progress bar on stderr (None: PROGRESS decides)."""
     rank, world = _dist()
     keep = n_samples // world + (rank < n_samples % world)   # this rank's share
     todo = -(-n_samples // world)   # every rank makes the same calls of the same
-    ex = _Extractor(model, features, logits)   # sizes (sample_fn may be a collective)
+    ex = _Extractor(model, features, logits, keep, 'samples', progress)   # sizes
     with torch.no_grad():
         while todo > 0:
             b = min(batch_size, todo)
@@ -647,14 +689,16 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def extract_folder(path, model, batch_size=50, num_workers=0,
-                   features=False, logits=False):
+                   features=False, logits=False, progress=None):
     """dict(mu, sigma[, features][, logits]) of the images under `path` (or
     of a list of image files), read exactly as pytorch-fid reads them: PIL
     RGB, /255, resized in [0, 1], then mapped to [-1, 1]. Sharded like
-    extract_images."""
+    extract_images; `progress` as there."""
     rank, world = _dist()
     files = path if isinstance(path, list) else list_images(path)
-    ex = _Extractor(model, features, logits)
+    ex = _Extractor(model, features, logits, len(files[rank::world]),
+                    os.path.basename(os.path.normpath(path)) if isinstance(path, str) else 'images',
+                    progress)
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files[rank::world]), batch_size=batch_size,
         num_workers=num_workers, collate_fn=list)
@@ -670,6 +714,7 @@ def extract_folder(path, model, batch_size=50, num_workers=0,
         else:
             ex.add(torch.cat([model.prepare(im[None].to(torch.float32).div(255),
                                             zero_one=True) for im in imgs]))
+    ex.close()
     _raise_on_every_rank(error)   # a broken file in one rank's shard stops every rank
     return ex.result()
 
@@ -1297,6 +1342,8 @@ def _parser():
                         'against PATH1 (folders only; Naeem et al. 2020)')
     p.add_argument('--prdc-k', type=int, default=5,
                    help='nearest neighbours that set the radii for --prdc')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress bar (shown on stderr only when it is a terminal)')
     return p
 
 
@@ -1357,7 +1404,8 @@ def _cli(args):
     if any(folders):
         model = load_inception(args.weights, device, args.dims)
         stats = [extract_folder(x, model, args.batch_size, workers,
-                                features=args.kid or args.prdc, logits=args.isc)
+                                features=args.kid or args.prdc, logits=args.isc,
+                                progress=False if args.quiet else None)
                  if isinstance(x, list) else x for x in inputs]
     pr = None
     if args.prdc:                         # every rank takes its share of the blocks

@@ -1,6 +1,6 @@
-"""Tests for fid.prdc (precision, recall, density, coverage) and its CLI flags.
-The reference is the `prdc` package (installed), and a brute-force formula
-written here from the definitions (Naeem et al. 2020)."""
+"""Tests for fid.prdc (precision, recall, density, coverage), its CLI flags and
+fid.py's progress bar. The reference is the `prdc` package (installed), and a
+brute-force formula written here from the definitions (Naeem et al. 2020)."""
 import contextlib
 import io
 import json
@@ -240,7 +240,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert_same(one, brute_force(real, fake, 3), 'brute force')
 
 
-# --- CLI -----------------------------------------------------
+# --- CLI and progress bar -----------------------------------------------------
 
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
@@ -304,3 +304,29 @@ def test_cli_prdc_errors_one_line(torch_home, folders, tmp_path, capsys):
     for argv, msg in cases:
         rc, out, err = run_cli(capsys, *argv)
         assert rc == 2 and len(err) == 1 and err[0].startswith('error: ') and msg in err[0], (msg, err)
+
+
+def test_progress_bar_on_a_terminal_only(torch_home, folders, capsys, monkeypatch):
+    argv = [*folders, '--dims', 64]
+    rc, out, err = run_cli(capsys, *argv)                 # pytest's stderr: not a terminal
+    assert rc == 0 and err == []
+    monkeypatch.setattr(fid, '_stderr_is_tty', lambda: True)
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0 and out[-1].startswith('FID:')
+    assert any('8/8' in line and 'img' in line for line in err), err      # one bar per folder
+    rc, out, err = run_cli(capsys, *argv, '--quiet')
+    assert rc == 0 and err == []
+    model = fid.load_inception(dims=64)
+    x = torch.rand(5, 3, 8, 8) * 2 - 1
+    fid.extract_images(x, model, batch_size=2)
+    assert '5/5' in capsys.readouterr().err
+    fid.extract_images(x, model, batch_size=2, progress=False)
+    fid.extract_generator(lambda n: torch.rand(n, 3, 8, 8) * 2 - 1, 4, model, progress=False)
+    assert capsys.readouterr().err == ''
+    monkeypatch.setattr(fid, 'PROGRESS', False)
+    fid.extract_generator(lambda n: torch.rand(n, 3, 8, 8) * 2 - 1, 4, model)
+    assert capsys.readouterr().err == ''
+    monkeypatch.setattr(fid, 'PROGRESS', True)
+    monkeypatch.setattr(fid, '_stderr_is_tty', lambda: False)
+    fid.extract_generator(lambda n: torch.rand(n, 3, 8, 8) * 2 - 1, 4, model)
+    assert '4/4' in capsys.readouterr().err
