@@ -857,9 +857,9 @@ def kernel_inception_distance(feats1, feats2, n_subsets=100, subset_size=1000, s
 # bound leaves undecided are settled with exact distances (float64, from the
 # differences), rounded as the reference rounds them (_as_reference).
 
-PRDC_CHUNK = 2048          # rows per distance block on a CPU (a multiple of 64)
-PRDC_CHUNK_CUDA = 8192     # on a GPU
-_EXTRA = 4                 # nearest-neighbour candidates kept beyond the k + 1
+PRDC_CHUNK = 1024          # rows per distance block on a CPU (a multiple of 64);
+PRDC_CHUNK_CUDA = 4096     # on a GPU. A block has 4x as many columns.
+_EXTRA = 8                 # nearest-neighbour candidates kept beyond the k + 1
 _ROW_GROUP = 32            # block columns summarised by one minimum (row search)
 _COL_GROUP = 16            # block rows summarised by one minimum (column search)
 _BIG = 1e30                # squared distance of a padding row to anything
@@ -877,7 +877,8 @@ def _gamma(k, u):
 
 def _prdc_features(x, what, device=None):
     """(N, D) features as a contiguous tensor on `device` (default: their own),
-    float32, or float64 for any other type (as sklearn promotes them)."""
+    float32, or float64 for any other type (as sklearn promotes them). NaN and
+    inf are caught by _Points (in the norms: one pass)."""
     if not torch.is_tensor(x):
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
     x = x.detach()
@@ -885,102 +886,168 @@ def _prdc_features(x, what, device=None):
         raise FIDError(f'{what} features must be a 2-D (N, D) array, got shape {tuple(x.shape)}')
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float64)
-    x = x.to(device or x.device).contiguous()
-    if not bool(torch.isfinite(x).all()):
-        raise FIDError(f'{what} features contain NaN or inf')
-    return x
+    return x.to(device or x.device).contiguous()
 
 
 class _Points:
-    """A feature set for the distance blocks: rows padded to a multiple of 64,
-    float32 copies augmented so that one matmul gives squared distances,
+    """A feature set for the distance blocks: rows padded to a multiple of 64;
+    float32 copies, moved by `center` (the real features' mean: distances are
+    unchanged, norms shrink, and so does the error bound) and augmented so
+    that one matmul gives squared distances,
 
         left_i = [x_i, |x_i|^2, 1],  right_j = [-2 x_j, 1, |x_j|^2],
         left_i . right_j = |x_i - x_j|^2,
 
     padding rows [0, BIG, 1] and [0, 0, BIG] (BIG away from every point)."""
 
-    def __init__(self, x):
+    STEP = 256                                      # rows converted at a time
+
+    def __init__(self, x, center, what):
         self.x, self.n, self.d = x, x.shape[0], x.shape[1]
         self.f32 = x.dtype == torch.float32
-        self.x32 = x.to(torch.float32)
-        self.sq = torch.cat([self.x32[s:s + 4096].double().pow(2).sum(1)   # |x32|^2,
-                             for s in range(0, self.n, 4096)])             # float64
-        self.sqmax = float(self.sq.max()) if self.n else 0.0
-        if self.sqmax > 1e28:
-            raise FIDError(f'features too large for float32 distances '
-                           f'(|x|^2 up to {self.sqmax:.3g})')
+        self.center = center
         self.width = -(-(self.d + 2) // 16) * 16          # zero columns: aligned
         self.pad = -(-self.n // 64) * 64
-
-    def _augmented(self, scale, col_norm, col_one, pad_row):
-        out = self.x32.new_zeros(self.pad, self.width)
-        out[:self.n, :self.d] = self.x32 * scale
-        out[:self.n, col_norm] = self.sq.to(torch.float32)
-        out[:self.n, col_one] = 1
-        out[self.n:, self.d:self.d + 2] = out.new_tensor(pad_row)
-        return out
+        left = x.new_zeros((self.pad, self.width), dtype=torch.float32)
+        self.sq = torch.empty(self.n, dtype=torch.float64, device=x.device)
+        for s in range(0, self.n, self.STEP):         # small steps: in cache
+            part = left[s:s + self.STEP, :self.d][:self.n - s]
+            if self.f32:
+                torch.sub(x[s:s + self.STEP], center, out=part)
+            else:
+                part.copy_(x[s:s + self.STEP].double() - center.double())
+            self.sq[s:s + self.STEP] = part.double().pow_(2).sum(1)
+        if not bool(torch.isfinite(self.sq).all()):
+            raise FIDError(f'{what} features contain NaN or inf')
+        self.sqmax = float(self.sq.max())
+        if self.sqmax > 1e28:
+            raise FIDError(f'{what} features too large for float32 distances '
+                           f'(|x - mean|^2 up to {self.sqmax:.3g})')
+        left[:self.n, self.d] = self.sq.to(torch.float32)
+        left[:self.n, self.d + 1] = 1
+        left[self.n:, self.d] = _BIG
+        left[self.n:, self.d + 1] = 1
+        self.cache = {'left': left}
 
     def left(self):
-        return self._augmented(1, self.d, self.d + 1, [_BIG, 1])
+        return self.cache['left']
 
     def right(self):
-        return self._augmented(-2, self.d + 1, self.d, [0, _BIG])
+        """Built from left (which must still be there): -2 x is exact."""
+        if 'right' not in self.cache:
+            left, n, d = self.cache['left'], self.n, self.d
+            right = left * -2
+            right[:n, d], right[:n, d + 1] = 1, left[:n, d]
+            right[n:, d], right[n:, d + 1] = 0, _BIG
+            self.cache['right'] = right
+        return self.cache['right']
 
-    def bound(self, other):
-        """Coefficient c with |approx d^2 - d^2| <= c (|x_i|^2 + |y_j|^2) (+ _TINY)
-        for the blocks of self against `other`: the matmul's terms sum in absolute
-        value to at most 2 (|x_i|^2 + |y_j|^2); the norms are rounded once to
-        float32; float64 features are rounded to float32 (4u more)."""
-        c = 2 * _gamma(self.width, _U32) + 2 * _U32
-        if not (self.f32 and other.f32):
-            c += 4 * _U32
-        return 1.01 * c
+    def forget(self, name):
+        """Free a cached augmented copy (left or right)."""
+        self.cache.pop(name, None)
 
-
-def _blocks(pad, chunk):
-    return [(s, min(s + chunk, pad)) for s in range(0, pad, chunk)]
-
-
-def _row_smallest(m, kk, g):
-    """The kk smallest entries of each row of a block and their columns, found
-    among the kk column groups with the smallest minima (the kk smallest
-    entries lie in at most kk groups, all among those)."""
-    h, w = m.shape
-    gm = m.view(h, w // g, g).amin(2)
-    if gm.shape[1] > kk:
-        sel = gm.topk(kk, 1, largest=False, sorted=False).indices
-        cols = (sel.unsqueeze(2) * g + torch.arange(g, device=m.device)).view(h, -1)
-        vals = m.gather(1, cols)
-    else:
-        cols, vals = torch.arange(w, device=m.device).expand(h, w), m
-    v, pos = vals.topk(min(kk, vals.shape[1]), 1, largest=False, sorted=False)
-    return v, cols.gather(1, pos)
+    def bound(self):
+        """Coefficient c with |approx d^2 - d^2| <= c (|x_i|^2 + |y_j|^2) (+ _TINY),
+        |.|^2 the moved float32 norms: the matmul's terms sum in absolute value
+        to at most 2 (|x_i|^2 + |y_j|^2) (gamma, for any summation order), the
+        norms are rounded once to float32 (2u), and the moved features too
+        (4u: |d'^2 - d^2| <= 2 |d| |e| + |e|^2, |e| <= u (|x_i| + |y_j|))."""
+        return 1.01 * (2 * _gamma(self.width, _U32) + 6 * _U32)
 
 
-def _col_smallest(m, kk, g):
-    """_row_smallest for the columns of a block (the rows of its transpose)."""
-    h, w = m.shape
-    gm = m.view(h // g, g, w).amin(1)
-    if gm.shape[0] > kk:
-        sel = gm.topk(kk, 0, largest=False, sorted=False).indices
-        rows = (sel.unsqueeze(1) * g + torch.arange(g, device=m.device)[:, None]).view(-1, w)
-        vals = m.gather(0, rows)
-    else:
-        rows, vals = torch.arange(h, device=m.device)[:, None].expand(h, w), m
-    vals, rows = vals.T.contiguous(), rows.T
-    v, pos = vals.topk(min(kk, vals.shape[1]), 1, largest=False, sorted=False)
-    return v, rows.gather(1, pos)
+class _Nearest:
+    """For every row of a set, the kk smallest approximate squared distances
+    offered so far and their columns (sorted), and tau, the most an entry may
+    be and still matter: min(the kk-th smallest so far, the (k+1)-th smallest
+    so far + slack), slack = twice the row's error bound (see _radii: only
+    entries up to the (k+1)-th smallest + 2e are needed). inf until seen;
+    -inf for padding rows, which are never searched."""
+
+    def __init__(self, n, pad, kk, k1, slack):
+        dev = slack.device
+        self.kk, self.k1, self.slack = kk, k1, slack
+        self.vals = torch.full((pad, kk), float('inf'), device=dev)
+        self.idx = torch.zeros((pad, kk), dtype=torch.long, device=dev)
+        self.tau = torch.full((pad,), float('inf'), device=dev)
+        self.tau[n:] = float('-inf')
+
+    def bound(self, smallest, rows):
+        """tau from the sorted smallest values of some rows."""
+        return torch.minimum(smallest[:, self.kk - 1], smallest[:, self.k1 - 1] + self.slack[rows])
+
+    def offer(self, r, c, v):
+        """Candidates (row r, column c, value v), flat, r ascending: keep the
+        kk smallest per row."""
+        if len(r) == 0:
+            return
+        kk, dev = self.kk, r.device
+        rows, counts = torch.unique_consecutive(r, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(len(rows), device=dev), counts)
+        slot = torch.arange(len(r), device=dev) - (torch.cumsum(counts, 0) - counts)[group]
+        pv = torch.full((len(rows), kk + int(counts.max())), float('inf'), device=dev)
+        pc = torch.zeros(pv.shape, dtype=torch.long, device=dev)
+        pv[:, :kk], pc[:, :kk] = self.vals[rows], self.idx[rows]
+        pv[group, kk + slot], pc[group, kk + slot] = v, c
+        top = pv.topk(kk, 1, largest=False)
+        self.vals[rows], self.idx[rows] = top.values, pc.gather(1, top.indices)
+        self.tau[rows] = self.bound(top.values, rows)
+
+    def _first_bound(self, gm, dim, rows):
+        """tau for rows not yet seen, from the block's group minima gm (each is
+        an entry, so the j-th smallest of them bounds the j-th smallest entry);
+        inf with fewer than kk groups."""
+        if gm.shape[dim] < self.kk:
+            return torch.full((gm.shape[1 - dim],), float('inf'), device=gm.device)
+        smallest = gm.topk(self.kk, dim, largest=False).values
+        return self.bound(smallest if dim == 1 else smallest.T, rows)
+
+    def search_rows(self, m, gm, r0, c0, g):
+        """Offer the entries of block m (rows r0.., columns c0..) at or below
+        their row's tau, found through gm, the minima over groups of g columns."""
+        h, w = m.shape
+        rows = slice(r0, r0 + h)
+        tau = self.tau[rows]
+        if not bool(torch.isfinite(tau).all()):
+            tau = torch.minimum(tau, self._first_bound(gm, 1, rows))
+        ri, gi = (gm <= tau[:, None]).nonzero(as_tuple=True)
+        vals = m.view(-1, g).index_select(0, ri * gm.shape[1] + gi)     # whole groups
+        pi, pt = (vals <= tau[ri, None]).nonzero(as_tuple=True)
+        self.offer(ri[pi] + r0, gi[pi] * g + pt + c0, vals[pi, pt])
+
+    def search_cols(self, m, off, gm, r0, c0, g):
+        """search_rows for the columns off.. of m (rows c0 + off.. of the set,
+        columns r0..), gm their minima over groups of g rows."""
+        h, w = m.shape[0], m.shape[1] - off
+        rows = slice(c0 + off, c0 + off + w)
+        tau = self.tau[rows]
+        if not bool(torch.isfinite(tau).all()):
+            tau = torch.minimum(tau, self._first_bound(gm, 0, rows))
+        cj, gi = (gm.T <= tau[:, None]).nonzero(as_tuple=True)      # by column
+        rows = gi[:, None] * g + torch.arange(g, device=m.device)
+        vals = m.view(-1).take(rows * m.shape[1] + (cj + off)[:, None])
+        pi, pt = (vals <= tau[cj, None]).nonzero(as_tuple=True)
+        self.offer(cj[pi] + c0 + off, rows[pi, pt] + r0, vals[pi, pt])
 
 
-def _merge(vals, idx, r0, v, c):
-    """Keep, for rows r0.., the smallest of their kept and their new candidates."""
-    h = v.shape[0]
-    cv = torch.cat([vals[r0:r0 + h], v], 1)
-    ci = torch.cat([idx[r0:r0 + h], c], 1)
-    top = cv.topk(vals.shape[1], 1, largest=False, sorted=False)
-    vals[r0:r0 + h] = top.values
-    idx[r0:r0 + h] = ci.gather(1, top.indices)
+def _block(left, right, r0, r1, c0, c1, buf, threads):
+    """left[r0:r1] . right[c0:c1]^T (approximate squared distances) into buf."""
+    with _threads(threads):
+        return torch.mm(left[r0:r1], right[c0:c1].T,
+                        out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+
+
+@contextmanager
+def _threads(n):
+    """torch on n CPU threads inside, restored after. prdc runs on one thread
+    but for its matmuls: the rest is many small or memory-bound ops, and on a
+    busy machine each op's parallel start-up (waiting for a descheduled
+    thread) costs milliseconds, several times the work."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _shard(items):
@@ -989,24 +1056,31 @@ def _shard(items):
     return items[rank::world]
 
 
-def _candidates(p, kk, chunk):
+def _candidates(p, kk, k, chunk, threads):
     """For every row of p, the kk smallest approximate squared distances to
-    the rows of p (itself included) and their columns. Blocks above the
-    diagonal only: each serves its rows and, transposed, its columns. Under
-    torch.distributed the blocks are sharded and the candidates merged."""
-    vals = torch.full((p.pad, kk), float('inf'), device=p.x.device)
-    idx = torch.zeros((p.pad, kk), dtype=torch.long, device=p.x.device)
+    the rows of p (itself included) and their columns, sorted, as far as they
+    matter (_Nearest; inf for those that do not). Only blocks
+    from the diagonal rightwards: strips of `chunk` rows against the columns
+    from the strip's first row on, 4 * chunk at a time; each block serves its
+    rows and, transposed, its columns right of the strip (so every pair is
+    offered once to each of its rows). Under torch.distributed the blocks are
+    sharded and the ranks' candidates merged."""
+    slack = torch.zeros(p.pad, dtype=torch.float32, device=p.x.device)
+    slack[:p.n] = _up32(2 * _row_bound(p))
+    near = _Nearest(p.n, p.pad, kk, k + 1, slack)
     left, right = p.left(), p.right()
-    buf = left.new_empty(chunk * chunk)
-    blocks = _blocks(p.pad, chunk)
-    pairs = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
-    for (i0, i1), (j0, j1) in _shard(pairs):
-        m = torch.mm(left[i0:i1], right[j0:j1].T, out=buf[:(i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
-        v, c = _row_smallest(m, kk, _ROW_GROUP)
-        _merge(vals, idx, i0, v, c + j0)
-        if i0 != j0:
-            v, c = _col_smallest(m, kk, _COL_GROUP)
-            _merge(vals, idx, j0, v, c + i0)
+    buf = left.new_empty(4 * chunk * chunk)
+    tiles = [(r0, min(r0 + chunk, p.pad), c0, min(c0 + 4 * chunk, p.pad))
+             for r0 in range(0, p.pad, chunk) for c0 in range(r0, p.pad, 4 * chunk)]
+    for r0, r1, c0, c1 in _shard(tiles):
+        m = _block(left, right, r0, r1, c0, c1, buf, threads)
+        h, w = m.shape
+        off = max(r1 - c0, 0)                   # columns inside the strip: rows only
+        near.search_rows(m, m.view(h, w // _ROW_GROUP, _ROW_GROUP).amin(2), r0, c0, _ROW_GROUP)
+        if off < w:
+            near.search_cols(m, off, m[:, off:].view(h // _COL_GROUP, _COL_GROUP, w - off).amin(1),
+                             r0, c0, _COL_GROUP)
+    vals, idx = near.vals, near.idx
     if _dist()[1] > 1:
         dev = _comm_device()
         parts = []
@@ -1014,20 +1088,29 @@ def _candidates(p, kk, chunk):
             got = [torch.empty_like(t, device=dev) for _ in range(_dist()[1])]
             dist.all_gather(got, t.to(dev))
             parts.append(torch.cat(got, 1).to(t.device))
-        top = parts[0].topk(kk, 1, largest=False, sorted=False)
+        top = parts[0].topk(kk, 1, largest=False)
         vals, idx = top.values, parts[1].gather(1, top.indices)
     return vals[:p.n], idx[:p.n]
 
 
 def _exact_d2(x, y, i, j):
     """|x_i - y_j|^2 for index pairs, in float64 from the differences (exact
-    products of float32 values; relative error <= D * 2^-53), in chunks."""
-    out = torch.empty(len(i), dtype=torch.float64, device=x.device)
-    step = max(1, (1 << 22) // max(1, x.shape[1]))
-    for s in range(0, len(i), step):
-        d = x[i[s:s + step]].double() - y[j[s:s + step]].double()
-        out[s:s + step] = d.mul_(d).sum(1)
-    return out
+    products of float32 values; relative error <= D * 2^-53), a few pairs at a
+    time (numpy on a CPU: a third of torch's time for such small pieces)."""
+    if x.device.type != 'cpu':
+        out = torch.empty(len(i), dtype=torch.float64, device=x.device)
+        step = max(1, (1 << 22) // max(1, x.shape[1]))
+        for s in range(0, len(i), step):
+            d = x[i[s:s + step]].double() - y[j[s:s + step]].double()
+            out[s:s + step] = d.mul_(d).sum(1)
+        return out
+    xn, yn, i, j = x.numpy(), y.numpy(), i.numpy(), j.numpy()
+    out = np.empty(len(i))
+    for s in range(0, len(i), 64):
+        d = xn[i[s:s + 64]].astype(np.float64)
+        d -= yn[j[s:s + 64]]
+        out[s:s + 64] = np.einsum('ij,ij->i', d, d)
+    return torch.from_numpy(out)
 
 
 def _as_reference(d2, f32):
@@ -1038,7 +1121,7 @@ def _as_reference(d2, f32):
     return np.sqrt(d2.astype(np.float32)) if f32 else np.sqrt(d2)
 
 
-def _radii(p, k, chunk):
+def _radii(p, k, chunk, threads):
     """Distance of every row of p to its k-th nearest neighbour in p, itself
     excluded: the (k+1)-th smallest distance with itself (0) included, as the
     reference takes it; rounded as the reference rounds (numpy array).
@@ -1050,10 +1133,25 @@ def _radii(p, k, chunk):
     between, computed exactly. A row whose kept candidates may miss part of
     the band goes through _radii_dense."""
     kk = min(k + 1 + _EXTRA, p.n)
-    vals, idx = _candidates(p, kk, chunk)
+    vals, idx = _candidates(p, kk, k, chunk, threads)
+    d2, rest = _band_kth(p, vals, idx, k)
+    if len(rest):
+        d2[rest] = _radii_dense(p, rest, k, chunk, threads)
+    return _as_reference(d2, p.f32)
+
+
+def _row_bound(p):
+    """Error bound of every row's approximate squared distances within p."""
+    return p.bound() * (p.sq + p.sqmax) + _TINY
+
+
+def _band_kth(p, vals, idx, k):
+    """_radii's exact (k+1)-th smallest for the rows whose band lies among the
+    candidates, and the other rows (for _radii_dense)."""
+    kk = vals.shape[1]
     vals, order = vals.double().sort(1)
     idx = idx.gather(1, order)
-    e = p.bound(p) * (p.sq + p.sqmax) + _TINY
+    e = _row_bound(p)
     a = vals[:, k]
     lo, hi = (a - 2 * e)[:, None], (a + 2 * e)[:, None]
     complete = vals[:, -1] > hi[:, 0] if kk < p.n else torch.ones_like(a, dtype=torch.bool)
@@ -1064,42 +1162,48 @@ def _radii(p, k, chunk):
     exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c])
     pick = (k - below).clamp(0, kk - 1)[:, None]
     d2 = exact.sort(1).values.gather(1, pick)[:, 0]
-    rest = (~complete).nonzero()[:, 0]
-    if len(rest):
-        d2[rest] = _radii_dense(p, rest, k, chunk)
-    return _as_reference(d2, p.f32)
+    return d2, (~complete).nonzero()[:, 0]
 
 
-def _radii_dense(p, rows, k, chunk):
+def _radii_dense(p, rows, k, chunk, threads):
     """_radii for rows whose band did not fit among the candidates (many points
     at nearly the same distance: duplicates, tight clusters): all their
-    distances in float64 (matmul, error <= c64 (|x_i|^2 + |x_j|^2)), then the
-    band around the (k+1)-th smallest computed from the differences. Exact
-    duplicates short-cut: if the smallest band entries are exactly 0, so is
-    the answer."""
-    c64 = 1.01 * (3 * _gamma(p.d, _U64) + 4 * _U64)
-    x64 = p.x.double()
+    distances in float64 (moved by the center; matmul error <= c64 (|x_i|^2 +
+    |x_j|^2)), then the band around the (k+1)-th smallest from the
+    differences. Exact duplicates short-cut: if the smallest band entries
+    are exactly 0, so is the answer."""
+    c64 = 1.01 * (3 * _gamma(p.d, _U64) + 8 * _U64)
+    x64 = torch.empty(p.x.shape, dtype=torch.float64, device=p.x.device)
+    for s in range(0, p.n, p.STEP):
+        x64[s:s + p.STEP] = p.x[s:s + p.STEP].double() - p.center.double()
     sq = x64.pow(2).sum(1)
     out = torch.empty(len(rows), dtype=torch.float64, device=p.x.device)
     step = max(1, chunk * chunk // max(1, p.n))
     for s in range(0, len(rows), step):
         rs = rows[s:s + step]
-        d2 = sq[rs, None] + sq[None, :] - 2 * (x64[rs] @ x64.T)
+        with _threads(threads):
+            d2 = x64[rs] @ x64.T
+        d2 = sq[rs, None] + sq[None, :] - 2 * d2
         e = (c64 * (sq[rs] + sq.max()) + _TINY)[:, None]
         a = d2.kthvalue(k + 1, 1).values[:, None]
         below = (d2 < a - 2 * e).sum(1)
         band = (d2 - a).abs() <= 2 * e
-        for t, r in enumerate(rs.tolist()):
-            cols = band[t].nonzero()[:, 0]
-            cols = cols[d2[t, cols].argsort()]
-            need = k - int(below[t])             # index of the answer in the band
-            first = _exact_d2(p.x, p.x, cols.new_full((need + 1,), r), cols[:need + 1])
-            if bool((first == 0).all()):
-                out[s + t] = 0.0
-                continue
-            ex = _exact_d2(p.x, p.x, cols.new_full((len(cols),), r), cols)
-            out[s + t] = ex.sort().values[need]
+        _dense_rows(p, rs, d2, band, below, k, out[s:s + step])
     return out
+
+
+def _dense_rows(p, rs, d2, band, below, k, out):
+    """_radii_dense's exact answers, row by row."""
+    for t, r in enumerate(rs.tolist()):
+        cols = band[t].nonzero()[:, 0]
+        cols = cols[d2[t, cols].argsort()]
+        need = k - int(below[t])                 # index of the answer in the band
+        first = _exact_d2(p.x, p.x, cols.new_full((need + 1,), r), cols[:need + 1])
+        if bool((first == 0).all()):
+            out[t] = 0.0
+            continue
+        ex = _exact_d2(p.x, p.x, cols.new_full((len(cols),), r), cols)
+        out[t] = ex.sort().values[need]
 
 
 def _up32(t):
@@ -1108,78 +1212,97 @@ def _up32(t):
     return torch.where(t32.double() < t, torch.nextafter(t32, t32.new_tensor(float('inf'))), t32)
 
 
-def _cross(real, fake, r_real, r_fake, chunk):
-    """Counts over real x fake pairs, sharded by blocks under torch.distributed
-    and summed over ranks: (fakes inside >= 1 real ball, real balls holding
-    >= 1 fake, reals inside >= 1 fake ball, pairs with the fake inside the
-    real ball). A block's candidate pairs come from minima over groups of 16
-    reals; a pair is decided by the approximate distance unless it lies
-    within the error bound (plus rounding slack) of the radius, in which case
-    its exact distance decides, rounded as the reference rounds it."""
-    dev, f32 = real.x.device, real.f32 and fake.f32
-    c = real.bound(fake)
-    g = _COL_GROUP
-    rr = torch.as_tensor(r_real, dtype=torch.float64, device=dev)
-    rf = torch.as_tensor(r_fake, dtype=torch.float64, device=dev)
-    r2, f2 = rr * rr, rf * rf
-    # ball i can hold pair (i, j) only if approx d^2 <= t_real[i] (and likewise for fake balls)
+class _Tally:
+    """The counts prdc needs, as integer tensors (summed over ranks by
+    all_reduce): pairs with the fake inside the real ball; per fake, whether
+    it is inside some real ball (precision); per real, whether its ball holds
+    some fake (coverage) and whether it is inside some fake ball (recall)."""
+
+    def __init__(self, n_real, n_fake, device):
+        self.counts = torch.zeros(1 + n_fake + 2 * n_real, dtype=torch.long, device=device)
+        self.n_real, self.n_fake = n_real, n_fake
+
+    def add(self, i, j, in_real, in_fake):
+        """Pairs (real i, fake j): fake inside real ball i / real inside fake ball j."""
+        nf, nr = self.n_fake, self.n_real
+        self.counts[0] += in_real.sum()
+        self.counts[1 + j[in_real]] = 1
+        self.counts[1 + nf + i[in_real]] = 1
+        self.counts[1 + nf + nr + i[in_fake]] = 1
+
+    def result(self):
+        """(pairs inside, precision, coverage, recall flags as numpy), over all ranks."""
+        c = self.counts
+        if _dist()[1] > 1:
+            out = c.to(_comm_device())
+            dist.all_reduce(out)
+            c = out.to(c.device)
+        c, nf, nr = c.cpu(), self.n_fake, self.n_real
+        return (int(c[0]), (c[1:1 + nf] > 0).numpy(), (c[1 + nf:1 + nf + nr] > 0).numpy(),
+                (c[1 + nf + nr:] > 0).numpy())
+
+
+def _cross(real, fake, r_real, r_fake, chunk, threads):
+    """_Tally.result() over the real x fake pairs, sharded by blocks under
+    torch.distributed. A pair is decided by its approximate distance unless
+    that lies within the error bound (plus rounding slack) of the radius;
+    then its exact distance decides, rounded as the reference rounds it."""
+    dev = real.x.device
+    c = real.bound()
+    r2 = torch.as_tensor(r_real, dtype=torch.float64, device=dev) ** 2
+    f2 = torch.as_tensor(r_fake, dtype=torch.float64, device=dev) ** 2
+    # ball i can hold pair (i, j) only if approx d^2 <= t_real[i]; likewise for fake balls
     ninf = float('-inf')
     t_real = torch.full((real.pad,), ninf, dtype=torch.float32, device=dev)
     t_fake = torch.full((fake.pad,), ninf, dtype=torch.float32, device=dev)
     t_real[:real.n] = _up32(torch.where(r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
     t_fake[:fake.n] = _up32(torch.where(f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
-    t_group = t_real.view(-1, g).amax(1)
-    left, right = real.left(), fake.right()
-    buf = left.new_empty(chunk * chunk)
-    pairs = [(a, b) for a in _blocks(real.pad, chunk) for b in _blocks(fake.pad, chunk)]
-    precision = torch.zeros(fake.n, dtype=torch.long, device=dev)
-    coverage = torch.zeros(real.n, dtype=torch.long, device=dev)
-    recall = torch.zeros(real.n, dtype=torch.long, device=dev)
-    inside = torch.zeros((), dtype=torch.long, device=dev)
-    unsure = []
-    for (i0, i1), (j0, j1) in _shard(pairs):
-        m = torch.mm(left[i0:i1], right[j0:j1].T, out=buf[:(i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
-        gm = m.view(-1, g, j1 - j0).amin(1)
-        gi, j = (gm <= torch.maximum(t_group[i0 // g:i1 // g, None], t_fake[None, j0:j1])).nonzero(as_tuple=True)
-        i = gi[:, None] * g + torch.arange(g, device=dev)
-        j = j[:, None].expand_as(i)
-        d = m[i, j]
-        i, j = i + i0, j + j0
-        ok = (d <= torch.maximum(t_real[i], t_fake[j])).nonzero(as_tuple=True)
-        i, j, d = i[ok], j[ok], d[ok].double()
-        ok = (i < real.n) & (j < fake.n)
-        i, j, d = i[ok], j[ok], d[ok]
+    # fakes in order of radius: a group of columns then shares nearly one
+    # threshold, so its largest is a tight bound for all (fewer candidates)
+    order = torch.cat([torch.argsort(f2), torch.arange(fake.n, fake.pad, device=dev)])
+    left, right = real.left(), fake.right()[order]
+    fake.forget('right')
+    t_fake = t_fake[order]
+    buf = left.new_empty(4 * chunk * chunk)
+    tiles = [(r0, min(r0 + chunk, real.pad), c0, min(c0 + 4 * chunk, fake.pad))
+             for r0 in range(0, real.pad, chunk) for c0 in range(0, fake.pad, 4 * chunk)]
+    tally, unsure = _Tally(real.n, fake.n, dev), []
+    for i0, i1, j0, j1 in _shard(tiles):
+        m = _block(left, right, i0, i1, j0, j1, buf, threads)
+        i, j, d = _cross_candidates(m, m.view(m.shape[0], -1, _ROW_GROUP).amin(2), i0, j0, t_real, t_fake)
+        j = order[j]
+        keep = (i < real.n) & (j < fake.n)
+        i, j, d = i[keep], j[keep], d[keep].double()
         e = c * (real.sq[i] + fake.sq[j]) + _TINY
-        ra, rb = r2[i], f2[j]
-        a_in = (d < ra * (1 - _DELTA) - e) & (ra > 0)
-        b_in = (d < rb * (1 - _DELTA) - e) & (rb > 0)
-        a_unsure = ~a_in & (d <= ra * (1 + _DELTA) + e) & (ra > 0)
-        b_unsure = ~b_in & (d <= rb * (1 + _DELTA) + e) & (rb > 0)
-        inside += a_in.sum()
-        precision[j[a_in]] = 1
-        coverage[i[a_in]] = 1
-        recall[i[b_in]] = 1
-        u = a_unsure | b_unsure
-        unsure.append(torch.stack([i[u], j[u], a_unsure[u].long(), b_unsure[u].long()]))
-    if unsure:
-        i, j, a_u, b_u = torch.cat(unsure, 1)
-        if len(i):
-            dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j), f32)
-            a = torch.from_numpy((dist_ < np.asarray(r_real)[i.cpu().numpy()])).to(dev) & a_u.bool()
-            b = torch.from_numpy((dist_ < np.asarray(r_fake)[j.cpu().numpy()])).to(dev) & b_u.bool()
-            inside += a.sum()
-            precision[j[a]] = 1
-            coverage[i[a]] = 1
-            recall[i[b]] = 1
-    counts = torch.cat([inside[None], precision, coverage, recall])
-    if _dist()[1] > 1:
-        out = counts.to(_comm_device())
-        dist.all_reduce(out)
-        counts = out.to(dev)
-    counts = counts.cpu()
-    return (int(counts[0]), (counts[1:1 + fake.n] > 0).numpy(),
-            (counts[1 + fake.n:1 + fake.n + real.n] > 0).numpy(),
-            (counts[1 + fake.n + real.n:] > 0).numpy())
+        in_real, maybe_real = _inside(d, r2[i], e)
+        in_fake, maybe_fake = _inside(d, f2[j], e)
+        tally.add(i, j, in_real, in_fake)
+        u = maybe_real | maybe_fake
+        unsure.append(torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()]))
+    i, j, maybe_real, maybe_fake = torch.cat(unsure, 1) if unsure else torch.zeros(4, 0, dtype=torch.long)
+    dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j), real.f32 and fake.f32)
+    in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev) & maybe_real.bool()
+    in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev) & maybe_fake.bool()
+    tally.add(i, j, in_real, in_fake)
+    return tally.result()
+
+
+def _cross_candidates(m, gm, i0, j0, t_real, t_fake, g=_ROW_GROUP):
+    """(i, j, approx d^2) of block m's entries at or below t_real[i] or
+    t_fake[j], found through gm, the minima over groups of g columns."""
+    h = m.shape[0]
+    t_f = t_fake[j0:j0 + m.shape[1]].view(-1, g)
+    ri, gj = (gm <= torch.maximum(t_real[i0:i0 + h, None], t_f.amax(1)[None, :])).nonzero(as_tuple=True)
+    d = m.view(-1, g).index_select(0, ri * gm.shape[1] + gj)          # whole groups
+    pi, pt = (d <= torch.maximum(t_real[ri + i0, None], t_f[gj])).nonzero(as_tuple=True)
+    return ri[pi] + i0, gj[pi] * g + pt + j0, d[pi, pt]
+
+
+def _inside(d, r2, e):
+    """(certainly inside, undecided) for approximate squared distances d with
+    error bound e against squared radii r2 (a radius 0 holds nothing)."""
+    inside = (d < r2 * (1 - _DELTA) - e) & (r2 > 0)
+    return inside, ~inside & (d <= r2 * (1 + _DELTA) + e) & (r2 > 0)
 
 
 @contextmanager
@@ -1233,11 +1356,17 @@ def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
     if chunk_size is None:
         chunk_size = PRDC_CHUNK_CUDA if real.device.type == 'cuda' else PRDC_CHUNK
     chunk = max(64, -(-int(chunk_size) // 64) * 64)
-    with torch.no_grad(), _fp32_matmul(real.device):
-        real, fake = _Points(real), _Points(fake)
-        r_real = _radii(real, k, chunk)
-        r_fake = _radii(fake, k, chunk)
-        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk)
+    threads = torch.get_num_threads()
+    with torch.no_grad(), _fp32_matmul(real.device), _threads(1):
+        center = real.mean(0, dtype=torch.float64).to(torch.float32)
+        if not bool(torch.isfinite(center).all()):
+            center = torch.zeros_like(center)          # NaN/inf: _Points says which
+        real, fake = _Points(real, center, 'real'), _Points(fake, center, 'fake')
+        r_real = _radii(real, k, chunk, threads)
+        real.forget('right')                             # the cross blocks need real.left
+        r_fake = _radii(fake, k, chunk, threads)         # and fake.right
+        fake.forget('left')
+        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk, threads)
     return dict(precision=float(prec.mean()), recall=float(rec.mean()),
                 density=float((1.0 / k) * (inside / fake.n)),
                 coverage=float(cov.mean()))
