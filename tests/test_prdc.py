@@ -113,6 +113,33 @@ def brute_force_radii(x, k):
     return np.sort(np.sqrt(d2.astype(np.float32)), 1)[:, k]
 
 
+def near_ties(rng, centres=40, satellites=8, d=16):
+    """Points whose nearest neighbours are near-ties: each centre has
+    satellites at distances 0.1 (1 + t 1e-5), closer to each other than the
+    float32 matmul's error bound but distinct exactly; shuffled so that a
+    centre and its satellites fall in different blocks."""
+    c = rng.standard_normal((centres, d))
+    u = rng.standard_normal((centres, satellites, d))
+    u /= np.linalg.norm(u, axis=2, keepdims=True)
+    scale = 0.1 * (1 + 1e-5 * rng.permuted(np.tile(np.arange(satellites), (centres, 1)), axis=1))
+    x = np.concatenate([c, (c[:, None] + u * scale[..., None]).reshape(-1, d)]).astype(np.float32)
+    return x[rng.permutation(len(x))]
+
+
+def test_near_ties_across_blocks_exact_radii():
+    """The k-th neighbour among near-ties met in different blocks: the radii
+    (not only the four figures) are the brute-force ones, bit for bit."""
+    rng = np.random.default_rng(12)
+    x = near_ties(rng)
+    for k in (3, 5, 7):
+        for chunk in (64, 1024):
+            p = fid._Points(torch.from_numpy(x), torch.zeros(16), 'real')
+            got = fid._radii(p, k, chunk, 1)
+            assert np.array_equal(got, brute_force_radii(x, k)), (k, chunk)
+    fake = near_ties(rng)
+    assert_same(fid.prdc(x, fake, 5, chunk_size=64), brute_force(x, fake, 5), 'near ties')
+
+
 def test_float64_and_tensor_inputs():
     """float64 features are compared in float64 (as sklearn does); tensors and
     arrays give the same numbers; N may differ between the sets."""
@@ -139,6 +166,33 @@ def test_dense_fallback_for_clusters(monkeypatch):
     ours = fid.prdc(real, fake, 5, chunk_size=64)
     assert calls and sum(calls) >= 60
     assert_same(ours, brute_force(real, fake, 5), 'brute force')
+
+
+def test_reduced_precision_matmul_settings_do_not_leak_in():
+    """torch.set_float32_matmul_precision('medium') lets oneDNN run float32
+    matmuls in bf16 on a CPU (errors far beyond the bound prdc relies on):
+    prdc turns that off for its own matmuls and restores it."""
+    mk = torch.backends.mkldnn.matmul
+    saved = mk.fp32_precision
+    rng = np.random.default_rng(6)
+    real = rng.standard_normal((150, 64)).astype(np.float32)
+    fake = rng.standard_normal((140, 64)).astype(np.float32)
+    try:
+        mk.fp32_precision = 'bf16'
+        assert_same(fid.prdc(real, fake, 3), brute_force(real, fake, 3), 'bf16 setting')
+        assert mk.fp32_precision == 'bf16'
+    finally:
+        mk.fp32_precision = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_cuda_equals_cpu():
+    rng = np.random.default_rng(9)
+    real = rng.standard_normal((3000, 256)).astype(np.float32)
+    fake = rng.standard_normal((2500, 256)).astype(np.float32)
+    fake[:50] = fake[0]
+    cpu = fid.prdc(real, fake, 5)
+    assert_same(fid.prdc(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), 5), cpu, 'cuda')
 
 
 def test_chunked_equals_unchunked():
