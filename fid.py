@@ -1,11 +1,12 @@
-"""FID, Inception Score and KID with the Inception network pytorch-fid uses.
+"""FID, Inception Score, KID and precision/recall/density/coverage with the
+Inception network pytorch-fid uses.
 
 Usable as a CLI (`python fid.py PATH1 PATH2`, same flags and output as
 `python -m pytorch_fid`) and from training loops (statistics straight from
 tensors or a generator, streaming, cached reference statistics, torchrun).
 
 Sections: 1 weights, 2 network, 3 streaming statistics and extraction,
-4 metrics (Frechet distance, IS, KID), 5 training-loop helpers, 6 CLI.
+4 metrics (Frechet distance, IS, KID, PRDC), 5 training-loop helpers, 6 CLI.
 """
 import argparse
 import hashlib
@@ -515,15 +516,51 @@ def _all_gather_rows(x):
     return out
 
 
+# A progress bar (tqdm, on stderr) while features are extracted: None shows it
+# only when stderr is a terminal (never in a log file), True/False force it.
+# The extract_* functions' `progress` argument overrides this per call.
+PROGRESS = None
+
+
+def _stderr_is_tty():
+    """Whether stderr is a terminal (the default for showing a progress bar)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):       # replaced or closed stream
+        return False
+
+
+def _progress_bar(total, desc, progress=None):
+    """A tqdm bar counting images (rank 0 only), or None when not shown."""
+    show = PROGRESS if progress is None else progress
+    if show is None:
+        show = _stderr_is_tty()
+    if not show or _dist()[0] != 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit='img', file=sys.stderr, dynamic_ncols=True)
+
+
 class _Extractor:
     """Runs batches through the model, feeding RunningStats and, when asked
-    (IS, KID), keeping the features and logits."""
+    (IS, KID, PRDC), keeping the features and logits; counts images on a
+    progress bar (see PROGRESS) of `total` images."""
 
-    def __init__(self, model, features=False, logits=False):
+    def __init__(self, model, features=False, logits=False, total=None,
+                 desc='features', progress=None):
         self.model, self.keep, self.want_logits = model, features, logits
         self.device = next(model.parameters()).device
         self.stats = RunningStats(model.dims)
         self.feats, self.logits = [], []
+        self.bar = _progress_bar(total, desc, progress)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     @torch.no_grad()
     def add(self, x, zero_one=False):
@@ -535,9 +572,12 @@ class _Extractor:
             self.feats.append(f.cpu())
         if lg is not None:
             self.logits.append(lg.cpu())
+        if self.bar is not None:
+            self.bar.update(len(x))
 
     def result(self):
         """dict with mu, sigma (and features, logits): same on every rank."""
+        self.close()
         res = dict(zip(('mu', 'sigma'), self.stats.all_reduce().mean_cov()))
         for name, rows in (('features', self.feats), ('logits', self.logits)):
             if rows:
@@ -551,13 +591,15 @@ def _stack_images(items):
 
 
 def extract_images(images, model, batch_size=50, num_workers=0,
-                   features=False, logits=False):
+                   features=False, logits=False, progress=None):
     """dict(mu, sigma[, features][, logits]) of a (N, C, H, W) tensor in
     [-1, 1] (or uint8 in 0..255), or of a data set whose items are such
     images (or (image, label) tuples). Sharded across ranks under torch.distributed (images
-    rank::world); every rank gets the same result, rows in the original order."""
+    rank::world); every rank gets the same result, rows in the original order.
+    `progress`: a progress bar on stderr (None: PROGRESS decides)."""
     rank, world = _dist()
-    ex = _Extractor(model, features, logits)
+    ex = _Extractor(model, features, logits, len(range(rank, len(images), world)),
+                    'images', progress)
     if torch.is_tensor(images):
         shard = images[rank::world]
         for i in range(0, len(shard), batch_size):
@@ -576,16 +618,17 @@ def extract_images(images, model, batch_size=50, num_workers=0,
 
 
 def extract_generator(sample_fn, n_samples, model, batch_size=50,
-                      features=False, logits=False):
+                      features=False, logits=False, progress=None):
     """dict(mu, sigma[, features][, logits]) of n_samples images drawn as
     sample_fn(n) -> (n, C, H, W) in [-1, 1] on any device, under no_grad.
     Under torch.distributed each rank keeps its share of the draws and every
     rank gets the same result; every rank calls sample_fn with the same sizes
-    (ceil(n / world) in all), so sample_fn may itself be a collective."""
+    (ceil(n / world) in all), so sample_fn may itself be a collective.
+    `progress`: a progress bar on stderr (None: PROGRESS decides)."""
     rank, world = _dist()
     keep = n_samples // world + (rank < n_samples % world)   # this rank's share
     todo = -(-n_samples // world)   # every rank makes the same calls of the same
-    ex = _Extractor(model, features, logits)   # sizes (sample_fn may be a collective)
+    ex = _Extractor(model, features, logits, keep, 'samples', progress)   # sizes
     with torch.no_grad():
         while todo > 0:
             b = min(batch_size, todo)
@@ -646,14 +689,16 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def extract_folder(path, model, batch_size=50, num_workers=0,
-                   features=False, logits=False):
+                   features=False, logits=False, progress=None):
     """dict(mu, sigma[, features][, logits]) of the images under `path` (or
     of a list of image files), read exactly as pytorch-fid reads them: PIL
     RGB, /255, resized in [0, 1], then mapped to [-1, 1]. Sharded like
-    extract_images."""
+    extract_images; `progress` as there."""
     rank, world = _dist()
     files = path if isinstance(path, list) else list_images(path)
-    ex = _Extractor(model, features, logits)
+    ex = _Extractor(model, features, logits, len(files[rank::world]),
+                    os.path.basename(os.path.normpath(path)) if isinstance(path, str) else 'images',
+                    progress)
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files[rank::world]), batch_size=batch_size,
         num_workers=num_workers, collate_fn=list)
@@ -669,6 +714,7 @@ def extract_folder(path, model, batch_size=50, num_workers=0,
         else:
             ex.add(torch.cat([model.prepare(im[None].to(torch.float32).div(255),
                                             zero_one=True) for im in imgs]))
+    ex.close()
     _raise_on_every_rank(error)   # a broken file in one rank's shard stops every rank
     return ex.result()
 
@@ -804,6 +850,528 @@ def kernel_inception_distance(feats1, feats2, n_subsets=100, subset_size=1000, s
     return float(np.mean(vals)), float(np.std(vals))
 
 
+# --- precision, recall, density, coverage ----------------------------------
+#
+# Exact k-NN in blocks. One float32 matmul gives a block of squared distances
+# with a proven error bound (_Points.bound); only the comparisons that the
+# bound leaves undecided are settled with exact distances (float64, from the
+# differences), rounded as the reference rounds them (_as_reference).
+
+PRDC_CHUNK = 1024          # rows per distance block on a CPU (a multiple of 64);
+PRDC_CHUNK_CUDA = 4096     # on a GPU. A block has 4x as many columns.
+_EXTRA = 8                 # nearest-neighbour candidates kept beyond the k + 1
+_ROW_GROUP = 32            # block columns summarised by one minimum (row search)
+_COL_GROUP = 16            # block rows summarised by one minimum (column search)
+_BIG = 1e30                # squared distance of a padding row to anything
+_TINY = 1e-30              # absolute slack on every bound (float32 underflow)
+_DELTA = 1e-6              # relative slack: rounding of d^2 and sqrt(d^2) to
+                           # float32 cannot move d^2 across r^2 (1 +- 1e-6)
+_U32, _U64 = 2.0 ** -24, 2.0 ** -53
+
+
+def _gamma(k, u):
+    """Higham's gamma_k: a length-k dot product summed in any order, rounding
+    to unit u, is within gamma_k * sum |a_i b_i| of the exact value."""
+    return k * u / (1 - k * u)
+
+
+def _prdc_features(x, what, device=None):
+    """(N, D) features as a contiguous tensor on `device` (default: their own),
+    float32, or float64 for any other type (as sklearn promotes them). NaN and
+    inf are caught by _Points (in the norms: one pass)."""
+    if not torch.is_tensor(x):
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    x = x.detach()
+    if x.dim() != 2:
+        raise FIDError(f'{what} features must be a 2-D (N, D) array, got shape {tuple(x.shape)}')
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float64)
+    return x.to(device or x.device).contiguous()
+
+
+class _Points:
+    """A feature set for the distance blocks: rows padded to a multiple of 64;
+    float32 copies, moved by `center` (the real features' mean: distances are
+    unchanged, norms shrink, and so does the error bound) and augmented so
+    that one matmul gives squared distances,
+
+        left_i = [x_i, |x_i|^2, 1],  right_j = [-2 x_j, 1, |x_j|^2],
+        left_i . right_j = |x_i - x_j|^2,
+
+    padding rows [0, BIG, 1] and [0, 0, BIG] (BIG away from every point)."""
+
+    STEP = 256                                      # rows converted at a time
+
+    def __init__(self, x, center, what):
+        self.x, self.n, self.d = x, x.shape[0], x.shape[1]
+        self.f32 = x.dtype == torch.float32
+        self.center = center
+        self.width = -(-(self.d + 2) // 16) * 16          # zero columns: aligned
+        self.pad = -(-self.n // 64) * 64
+        left = x.new_zeros((self.pad, self.width), dtype=torch.float32)
+        self.sq = torch.empty(self.n, dtype=torch.float64, device=x.device)
+        for s in range(0, self.n, self.STEP):         # small steps: in cache
+            part = left[s:s + self.STEP, :self.d][:self.n - s]
+            if self.f32:
+                torch.sub(x[s:s + self.STEP], center, out=part)
+            else:
+                part.copy_(x[s:s + self.STEP].double() - center.double())
+            self.sq[s:s + self.STEP] = part.double().pow_(2).sum(1)
+        if not bool(torch.isfinite(self.sq).all()):
+            raise FIDError(f'{what} features contain NaN or inf')
+        self.sqmax = float(self.sq.max())
+        if self.sqmax > 1e28:
+            raise FIDError(f'{what} features too large for float32 distances '
+                           f'(|x - mean|^2 up to {self.sqmax:.3g})')
+        left[:self.n, self.d] = self.sq.to(torch.float32)
+        left[:self.n, self.d + 1] = 1
+        left[self.n:, self.d] = _BIG
+        left[self.n:, self.d + 1] = 1
+        self.cache = {'left': left}
+
+    def left(self):
+        return self.cache['left']
+
+    def right(self):
+        """Built from left (which must still be there): -2 x is exact."""
+        if 'right' not in self.cache:
+            left, n, d = self.cache['left'], self.n, self.d
+            right = left * -2
+            right[:n, d], right[:n, d + 1] = 1, left[:n, d]
+            right[n:, d], right[n:, d + 1] = 0, _BIG
+            self.cache['right'] = right
+        return self.cache['right']
+
+    def forget(self, name):
+        """Free a cached augmented copy (left or right)."""
+        self.cache.pop(name, None)
+
+    def bound(self):
+        """Coefficient c with |approx d^2 - d^2| <= c (|x_i|^2 + |y_j|^2) (+ _TINY),
+        |.|^2 the moved float32 norms: the matmul's terms sum in absolute value
+        to at most 2 (|x_i|^2 + |y_j|^2) (gamma, for any summation order), the
+        norms are rounded once to float32 (2u), and the moved features too
+        (4u: |d'^2 - d^2| <= 2 |d| |e| + |e|^2, |e| <= u (|x_i| + |y_j|))."""
+        return 1.01 * (2 * _gamma(self.width, _U32) + 6 * _U32)
+
+
+class _Nearest:
+    """For every row of a set, the kk smallest approximate squared distances
+    offered so far and their columns (sorted), and tau, the most an entry may
+    be and still matter: min(the kk-th smallest so far, the (k+1)-th smallest
+    so far + slack), slack = twice the row's error bound (see _radii: only
+    entries up to the (k+1)-th smallest + 2e are needed). inf until seen;
+    -inf for padding rows, which are never searched."""
+
+    def __init__(self, n, pad, kk, k1, slack):
+        dev = slack.device
+        self.kk, self.k1, self.slack = kk, k1, slack
+        self.vals = torch.full((pad, kk), float('inf'), device=dev)
+        self.idx = torch.zeros((pad, kk), dtype=torch.long, device=dev)
+        self.tau = torch.full((pad,), float('inf'), device=dev)
+        self.tau[n:] = float('-inf')
+
+    def bound(self, smallest, rows):
+        """tau from the sorted smallest values of some rows."""
+        return torch.minimum(smallest[:, self.kk - 1], smallest[:, self.k1 - 1] + self.slack[rows])
+
+    def offer(self, r, c, v):
+        """Candidates (row r, column c, value v), flat, r ascending: keep the
+        kk smallest per row."""
+        if len(r) == 0:
+            return
+        kk, dev = self.kk, r.device
+        rows, counts = torch.unique_consecutive(r, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(len(rows), device=dev), counts)
+        slot = torch.arange(len(r), device=dev) - (torch.cumsum(counts, 0) - counts)[group]
+        pv = torch.full((len(rows), kk + int(counts.max())), float('inf'), device=dev)
+        pc = torch.zeros(pv.shape, dtype=torch.long, device=dev)
+        pv[:, :kk], pc[:, :kk] = self.vals[rows], self.idx[rows]
+        pv[group, kk + slot], pc[group, kk + slot] = v, c
+        top = pv.topk(kk, 1, largest=False)
+        self.vals[rows], self.idx[rows] = top.values, pc.gather(1, top.indices)
+        self.tau[rows] = self.bound(top.values, rows)
+
+    def _first_bound(self, gm, dim, rows):
+        """tau for rows not yet seen, from the block's group minima gm (each is
+        an entry, so the j-th smallest of them bounds the j-th smallest entry);
+        inf with fewer than kk groups."""
+        if gm.shape[dim] < self.kk:
+            return torch.full((gm.shape[1 - dim],), float('inf'), device=gm.device)
+        smallest = gm.topk(self.kk, dim, largest=False).values
+        return self.bound(smallest if dim == 1 else smallest.T, rows)
+
+    def search_rows(self, m, gm, r0, c0, g):
+        """Offer the entries of block m (rows r0.., columns c0..) at or below
+        their row's tau, found through gm, the minima over groups of g columns."""
+        h, w = m.shape
+        rows = slice(r0, r0 + h)
+        tau = self.tau[rows]
+        if not bool(torch.isfinite(tau).all()):
+            tau = torch.minimum(tau, self._first_bound(gm, 1, rows))
+        ri, gi = (gm <= tau[:, None]).nonzero(as_tuple=True)
+        vals = m.view(-1, g).index_select(0, ri * gm.shape[1] + gi)     # whole groups
+        pi, pt = (vals <= tau[ri, None]).nonzero(as_tuple=True)
+        self.offer(ri[pi] + r0, gi[pi] * g + pt + c0, vals[pi, pt])
+
+    def search_cols(self, m, off, gm, r0, c0, g):
+        """search_rows for the columns off.. of m (rows c0 + off.. of the set,
+        columns r0..), gm their minima over groups of g rows."""
+        h, w = m.shape[0], m.shape[1] - off
+        rows = slice(c0 + off, c0 + off + w)
+        tau = self.tau[rows]
+        if not bool(torch.isfinite(tau).all()):
+            tau = torch.minimum(tau, self._first_bound(gm, 0, rows))
+        cj, gi = (gm.T <= tau[:, None]).nonzero(as_tuple=True)      # by column
+        rows = gi[:, None] * g + torch.arange(g, device=m.device)
+        vals = m.view(-1).take(rows * m.shape[1] + (cj + off)[:, None])
+        pi, pt = (vals <= tau[cj, None]).nonzero(as_tuple=True)
+        self.offer(cj[pi] + c0 + off, rows[pi, pt] + r0, vals[pi, pt])
+
+
+def _block(left, right, r0, r1, c0, c1, buf, threads):
+    """left[r0:r1] . right[c0:c1]^T (approximate squared distances) into buf."""
+    with _threads(threads):
+        return torch.mm(left[r0:r1], right[c0:c1].T,
+                        out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+
+
+@contextmanager
+def _threads(n):
+    """torch on n CPU threads inside, restored after. prdc runs on one thread
+    but for its matmuls: the rest is many small or memory-bound ops, and on a
+    busy machine each op's parallel start-up (waiting for a descheduled
+    thread) costs milliseconds, several times the work."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _shard(items):
+    """This rank's share of the work items under torch.distributed."""
+    rank, world = _dist()
+    return items[rank::world]
+
+
+def _candidates(p, kk, k, chunk, threads):
+    """For every row of p, the kk smallest approximate squared distances to
+    the rows of p (itself included) and their columns, sorted, as far as they
+    matter (_Nearest; inf for those that do not). Only blocks
+    from the diagonal rightwards: strips of `chunk` rows against the columns
+    from the strip's first row on, 4 * chunk at a time; each block serves its
+    rows and, transposed, its columns right of the strip (so every pair is
+    offered once to each of its rows). Under torch.distributed the blocks are
+    sharded and the ranks' candidates merged."""
+    slack = torch.zeros(p.pad, dtype=torch.float32, device=p.x.device)
+    slack[:p.n] = _up32(2 * _row_bound(p))
+    near = _Nearest(p.n, p.pad, kk, k + 1, slack)
+    left, right = p.left(), p.right()
+    buf = left.new_empty(4 * chunk * chunk)
+    tiles = [(r0, min(r0 + chunk, p.pad), c0, min(c0 + 4 * chunk, p.pad))
+             for r0 in range(0, p.pad, chunk) for c0 in range(r0, p.pad, 4 * chunk)]
+    for r0, r1, c0, c1 in _shard(tiles):
+        m = _block(left, right, r0, r1, c0, c1, buf, threads)
+        h, w = m.shape
+        off = max(r1 - c0, 0)                   # columns inside the strip: rows only
+        near.search_rows(m, m.view(h, w // _ROW_GROUP, _ROW_GROUP).amin(2), r0, c0, _ROW_GROUP)
+        if off < w:
+            near.search_cols(m, off, m[:, off:].view(h // _COL_GROUP, _COL_GROUP, w - off).amin(1),
+                             r0, c0, _COL_GROUP)
+    vals, idx = near.vals, near.idx
+    if _dist()[1] > 1:
+        dev = _comm_device()
+        parts = []
+        for t in (vals, idx):
+            got = [torch.empty_like(t, device=dev) for _ in range(_dist()[1])]
+            dist.all_gather(got, t.to(dev))
+            parts.append(torch.cat(got, 1).to(t.device))
+        top = parts[0].topk(kk, 1, largest=False)
+        vals, idx = top.values, parts[1].gather(1, top.indices)
+    return vals[:p.n], idx[:p.n]
+
+
+def _exact_d2(x, y, i, j):
+    """|x_i - y_j|^2 for index pairs, in float64 from the differences (exact
+    products of float32 values; relative error <= D * 2^-53), a few pairs at a
+    time (numpy on a CPU: a third of torch's time for such small pieces)."""
+    if x.device.type != 'cpu':
+        out = torch.empty(len(i), dtype=torch.float64, device=x.device)
+        step = max(1, (1 << 22) // max(1, x.shape[1]))
+        for s in range(0, len(i), step):
+            d = x[i[s:s + step]].double() - y[j[s:s + step]].double()
+            out[s:s + step] = d.mul_(d).sum(1)
+        return out
+    xn, yn, i, j = x.numpy(), y.numpy(), i.numpy(), j.numpy()
+    out = np.empty(len(i))
+    for s in range(0, len(i), 64):
+        d = xn[i[s:s + 64]].astype(np.float64)
+        d -= yn[j[s:s + 64]]
+        out[s:s + 64] = np.einsum('ij,ij->i', d, d)
+    return torch.from_numpy(out)
+
+
+def _as_reference(d2, f32):
+    """Distances from exact squared distances, rounded as the reference's
+    sklearn rounds them: float32 squared distance, float32 sqrt (float64
+    throughout for float64 features)."""
+    d2 = d2.cpu().numpy()
+    return np.sqrt(d2.astype(np.float32)) if f32 else np.sqrt(d2)
+
+
+def _radii(p, k, chunk, threads):
+    """Distance of every row of p to its k-th nearest neighbour in p, itself
+    excluded: the (k+1)-th smallest distance with itself (0) included, as the
+    reference takes it; rounded as the reference rounds (numpy array).
+
+    With a = the (k+1)-th smallest approximate value and e the row's error
+    bound, at most k entries lie truly below a - e and the (k+1)-th is at most
+    a + e; so entries approximately below a - 2e are certainly below it,
+    entries above a + 2e certainly above, and it is found among the band in
+    between, computed exactly. A row whose kept candidates may miss part of
+    the band goes through _radii_dense."""
+    kk = min(k + 1 + _EXTRA, p.n)
+    vals, idx = _candidates(p, kk, k, chunk, threads)
+    d2, rest = _band_kth(p, vals, idx, k)
+    if len(rest):
+        d2[rest] = _radii_dense(p, rest, k, chunk, threads)
+    return _as_reference(d2, p.f32)
+
+
+def _row_bound(p):
+    """Error bound of every row's approximate squared distances within p."""
+    return p.bound() * (p.sq + p.sqmax) + _TINY
+
+
+def _band_kth(p, vals, idx, k):
+    """_radii's exact (k+1)-th smallest for the rows whose band lies among the
+    candidates, and the other rows (for _radii_dense)."""
+    kk = vals.shape[1]
+    vals, order = vals.double().sort(1)
+    idx = idx.gather(1, order)
+    e = _row_bound(p)
+    a = vals[:, k]
+    lo, hi = (a - 2 * e)[:, None], (a + 2 * e)[:, None]
+    complete = vals[:, -1] > hi[:, 0] if kk < p.n else torch.ones_like(a, dtype=torch.bool)
+    band = (vals >= lo) & (vals <= hi) & complete[:, None]
+    below = (vals < lo).sum(1)
+    r, c = band.nonzero(as_tuple=True)
+    exact = torch.full_like(vals, float('inf'))
+    exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c])
+    pick = (k - below).clamp(0, kk - 1)[:, None]
+    d2 = exact.sort(1).values.gather(1, pick)[:, 0]
+    return d2, (~complete).nonzero()[:, 0]
+
+
+def _radii_dense(p, rows, k, chunk, threads):
+    """_radii for rows whose band did not fit among the candidates (many points
+    at nearly the same distance: duplicates, tight clusters): all their
+    distances in float64 (moved by the center; matmul error <= c64 (|x_i|^2 +
+    |x_j|^2)), then the band around the (k+1)-th smallest from the
+    differences. Exact duplicates short-cut: if the smallest band entries
+    are exactly 0, so is the answer."""
+    c64 = 1.01 * (3 * _gamma(p.d, _U64) + 8 * _U64)
+    x64 = torch.empty(p.x.shape, dtype=torch.float64, device=p.x.device)
+    for s in range(0, p.n, p.STEP):
+        x64[s:s + p.STEP] = p.x[s:s + p.STEP].double() - p.center.double()
+    sq = x64.pow(2).sum(1)
+    out = torch.empty(len(rows), dtype=torch.float64, device=p.x.device)
+    step = max(1, chunk * chunk // max(1, p.n))
+    for s in range(0, len(rows), step):
+        rs = rows[s:s + step]
+        with _threads(threads):
+            d2 = x64[rs] @ x64.T
+        d2 = sq[rs, None] + sq[None, :] - 2 * d2
+        e = (c64 * (sq[rs] + sq.max()) + _TINY)[:, None]
+        a = d2.kthvalue(k + 1, 1).values[:, None]
+        below = (d2 < a - 2 * e).sum(1)
+        band = (d2 - a).abs() <= 2 * e
+        _dense_rows(p, rs, d2, band, below, k, out[s:s + step])
+    return out
+
+
+def _dense_rows(p, rs, d2, band, below, k, out):
+    """_radii_dense's exact answers, row by row."""
+    for t, r in enumerate(rs.tolist()):
+        cols = band[t].nonzero()[:, 0]
+        cols = cols[d2[t, cols].argsort()]
+        need = k - int(below[t])                 # index of the answer in the band
+        first = _exact_d2(p.x, p.x, cols.new_full((need + 1,), r), cols[:need + 1])
+        if bool((first == 0).all()):
+            out[t] = 0.0
+            continue
+        ex = _exact_d2(p.x, p.x, cols.new_full((len(cols),), r), cols)
+        out[t] = ex.sort().values[need]
+
+
+def _up32(t):
+    """float64 -> float32, rounded up (a safe threshold)."""
+    t32 = t.to(torch.float32)
+    return torch.where(t32.double() < t, torch.nextafter(t32, t32.new_tensor(float('inf'))), t32)
+
+
+class _Tally:
+    """The counts prdc needs, as integer tensors (summed over ranks by
+    all_reduce): pairs with the fake inside the real ball; per fake, whether
+    it is inside some real ball (precision); per real, whether its ball holds
+    some fake (coverage) and whether it is inside some fake ball (recall)."""
+
+    def __init__(self, n_real, n_fake, device):
+        self.counts = torch.zeros(1 + n_fake + 2 * n_real, dtype=torch.long, device=device)
+        self.n_real, self.n_fake = n_real, n_fake
+
+    def add(self, i, j, in_real, in_fake):
+        """Pairs (real i, fake j): fake inside real ball i / real inside fake ball j."""
+        nf, nr = self.n_fake, self.n_real
+        self.counts[0] += in_real.sum()
+        self.counts[1 + j[in_real]] = 1
+        self.counts[1 + nf + i[in_real]] = 1
+        self.counts[1 + nf + nr + i[in_fake]] = 1
+
+    def result(self):
+        """(pairs inside, precision, coverage, recall flags as numpy), over all ranks."""
+        c = self.counts
+        if _dist()[1] > 1:
+            out = c.to(_comm_device())
+            dist.all_reduce(out)
+            c = out.to(c.device)
+        c, nf, nr = c.cpu(), self.n_fake, self.n_real
+        return (int(c[0]), (c[1:1 + nf] > 0).numpy(), (c[1 + nf:1 + nf + nr] > 0).numpy(),
+                (c[1 + nf + nr:] > 0).numpy())
+
+
+def _cross(real, fake, r_real, r_fake, chunk, threads):
+    """_Tally.result() over the real x fake pairs, sharded by blocks under
+    torch.distributed. A pair is decided by its approximate distance unless
+    that lies within the error bound (plus rounding slack) of the radius;
+    then its exact distance decides, rounded as the reference rounds it."""
+    dev = real.x.device
+    c = real.bound()
+    r2 = torch.as_tensor(r_real, dtype=torch.float64, device=dev) ** 2
+    f2 = torch.as_tensor(r_fake, dtype=torch.float64, device=dev) ** 2
+    # ball i can hold pair (i, j) only if approx d^2 <= t_real[i]; likewise for fake balls
+    ninf = float('-inf')
+    t_real = torch.full((real.pad,), ninf, dtype=torch.float32, device=dev)
+    t_fake = torch.full((fake.pad,), ninf, dtype=torch.float32, device=dev)
+    t_real[:real.n] = _up32(torch.where(r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
+    t_fake[:fake.n] = _up32(torch.where(f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
+    # fakes in order of radius: a group of columns then shares nearly one
+    # threshold, so its largest is a tight bound for all (fewer candidates)
+    order = torch.cat([torch.argsort(f2), torch.arange(fake.n, fake.pad, device=dev)])
+    left, right = real.left(), fake.right()[order]
+    fake.forget('right')
+    t_fake = t_fake[order]
+    buf = left.new_empty(4 * chunk * chunk)
+    tiles = [(r0, min(r0 + chunk, real.pad), c0, min(c0 + 4 * chunk, fake.pad))
+             for r0 in range(0, real.pad, chunk) for c0 in range(0, fake.pad, 4 * chunk)]
+    tally, unsure = _Tally(real.n, fake.n, dev), []
+    for i0, i1, j0, j1 in _shard(tiles):
+        m = _block(left, right, i0, i1, j0, j1, buf, threads)
+        i, j, d = _cross_candidates(m, m.view(m.shape[0], -1, _ROW_GROUP).amin(2), i0, j0, t_real, t_fake)
+        j = order[j]
+        keep = (i < real.n) & (j < fake.n)
+        i, j, d = i[keep], j[keep], d[keep].double()
+        e = c * (real.sq[i] + fake.sq[j]) + _TINY
+        in_real, maybe_real = _inside(d, r2[i], e)
+        in_fake, maybe_fake = _inside(d, f2[j], e)
+        tally.add(i, j, in_real, in_fake)
+        u = maybe_real | maybe_fake
+        unsure.append(torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()]))
+    i, j, maybe_real, maybe_fake = torch.cat(unsure, 1) if unsure else torch.zeros(4, 0, dtype=torch.long)
+    dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j), real.f32 and fake.f32)
+    in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev) & maybe_real.bool()
+    in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev) & maybe_fake.bool()
+    tally.add(i, j, in_real, in_fake)
+    return tally.result()
+
+
+def _cross_candidates(m, gm, i0, j0, t_real, t_fake, g=_ROW_GROUP):
+    """(i, j, approx d^2) of block m's entries at or below t_real[i] or
+    t_fake[j], found through gm, the minima over groups of g columns."""
+    h = m.shape[0]
+    t_f = t_fake[j0:j0 + m.shape[1]].view(-1, g)
+    ri, gj = (gm <= torch.maximum(t_real[i0:i0 + h, None], t_f.amax(1)[None, :])).nonzero(as_tuple=True)
+    d = m.view(-1, g).index_select(0, ri * gm.shape[1] + gj)          # whole groups
+    pi, pt = (d <= torch.maximum(t_real[ri + i0, None], t_f[gj])).nonzero(as_tuple=True)
+    return ri[pi] + i0, gj[pi] * g + pt + j0, d[pi, pt]
+
+
+def _inside(d, r2, e):
+    """(certainly inside, undecided) for approximate squared distances d with
+    error bound e against squared radii r2 (a radius 0 holds nothing)."""
+    inside = (d < r2 * (1 - _DELTA) - e) & (r2 > 0)
+    return inside, ~inside & (d <= r2 * (1 + _DELTA) + e) & (r2 > 0)
+
+
+@contextmanager
+def _fp32_matmul(device):
+    """Full-precision float32 matmuls: _exact_fp32 (no TF32 on CUDA, no
+    autocast), and on a CPU no oneDNN bf16/TF32 for float32 (which
+    torch.set_float32_matmul_precision('medium') turns on), restored after."""
+    mk = getattr(getattr(torch.backends, 'mkldnn', None), 'matmul', None)
+    saved = getattr(mk, 'fp32_precision', None) if device.type == 'cpu' else None
+    with _exact_fp32(device):
+        if saved not in (None, 'none', 'ieee'):
+            mk.fp32_precision = 'ieee'
+        try:
+            yield
+        finally:
+            if saved not in (None, 'none', 'ieee'):
+                mk.fp32_precision = saved
+
+
+def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
+    """dict(precision, recall, density, coverage) of fake against real features
+    (numpy arrays or tensors, (N, D) and (M, D)), exactly as the reference
+    `prdc` package (Naeem et al. 2020) computes them:
+
+    radius of a point = distance to its nearest_k-th nearest neighbour in its
+    own set (itself excluded); "inside" = distance < radius (strict);
+    precision = fraction of fakes inside >= 1 real ball; recall = fraction of
+    reals inside >= 1 fake ball; density = mean over fakes of the number of
+    real balls holding it, / nearest_k; coverage = fraction of reals whose
+    ball holds >= 1 fake.
+
+    Exact k-NN on the features' device, in blocks of chunk_size rows (memory:
+    a few chunk_size^2 float32 blocks besides float32 copies of the features;
+    default PRDC_CHUNK, PRDC_CHUNK_CUDA on a GPU). Distances are those the
+    reference computes, without its rounding noise: exact, then rounded to
+    float32 (float64 for float64 features) as sklearn rounds them. Under
+    torch.distributed (every rank passing the same features) the blocks are
+    sharded across ranks and the counts summed; every rank gets the result."""
+    if isinstance(nearest_k, bool) or not isinstance(nearest_k, (int, np.integer)) or nearest_k < 1:
+        raise FIDError(f'nearest_k must be an integer >= 1, not {nearest_k!r}')
+    k = int(nearest_k)
+    real = _prdc_features(real_features, 'real')
+    fake = _prdc_features(fake_features, 'fake', real.device)
+    if real.shape[1] != fake.shape[1]:
+        raise FIDError(f'real and fake features have different dimensions: '
+                       f'{real.shape[1]} vs {fake.shape[1]}')
+    for x, what in ((real, 'real'), (fake, 'fake')):
+        if len(x) < k + 1:
+            raise FIDError(f'prdc with nearest_k={k} needs at least {k + 1} {what} '
+                           f'samples, got {len(x)}')
+    if chunk_size is None:
+        chunk_size = PRDC_CHUNK_CUDA if real.device.type == 'cuda' else PRDC_CHUNK
+    chunk = max(64, -(-int(chunk_size) // 64) * 64)
+    threads = torch.get_num_threads()
+    with torch.no_grad(), _fp32_matmul(real.device), _threads(1):
+        center = real.mean(0, dtype=torch.float64).to(torch.float32)
+        if not bool(torch.isfinite(center).all()):
+            center = torch.zeros_like(center)          # NaN/inf: _Points says which
+        real, fake = _Points(real, center, 'real'), _Points(fake, center, 'fake')
+        r_real = _radii(real, k, chunk, threads)
+        real.forget('right')                             # the cross blocks need real.left
+        r_fake = _radii(fake, k, chunk, threads)         # and fake.right
+        fake.forget('left')
+        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk, threads)
+    return dict(precision=float(prec.mean()), recall=float(rec.mean()),
+                density=float((1.0 / k) * (inside / fake.n)),
+                coverage=float(cov.mean()))
+
+
 # ---------------------------------------------------------------------------
 # 5. Training-loop helpers: cached reference statistics, FIDTracker
 # ---------------------------------------------------------------------------
@@ -898,6 +1466,13 @@ def _parser():
     p.add_argument('--is', dest='isc', action='store_true',
                    help='also print the Inception Score of each folder')
     p.add_argument('--kid', action='store_true', help='also print KID (folders only)')
+    p.add_argument('--prdc', action='store_true',
+                   help='also print precision, recall, density and coverage of PATH2 '
+                        'against PATH1 (folders only; Naeem et al. 2020)')
+    p.add_argument('--prdc-k', type=int, default=5,
+                   help='nearest neighbours that set the radii for --prdc')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress bar (shown on stderr only when it is a terminal)')
     return p
 
 
@@ -914,6 +1489,10 @@ def _cli(args):
         raise FIDError(f'--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)')
     if args.num_workers is not None and args.num_workers < 0:
         raise FIDError('--num-workers must be 0 or more')
+    if args.prdc_k < 1:
+        raise FIDError('--prdc-k must be at least 1')
+    if args.prdc and args.save_stats:
+        raise FIDError('--prdc compares two image folders; it does not go with --save-stats')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
         if device.type == 'cuda':          # torchrun: one GPU per rank
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
@@ -939,7 +1518,13 @@ def _cli(args):
     folders = [isinstance(x, list) for x in inputs]
     if args.kid and not all(folders):
         raise FIDError('--kid needs two image folders (.npz files hold only mu/sigma)')
+    if args.prdc and not all(folders):
+        raise FIDError('--prdc needs two image folders (.npz files hold only mu/sigma, '
+                       'not the features)')
     for p, x in zip(paths, inputs):
+        if args.prdc and len(x) < args.prdc_k + 1:
+            raise FIDError(f'{p}: {len(x)} images; --prdc with --prdc-k {args.prdc_k} '
+                           f'needs at least {args.prdc_k + 1}')
         if any(folders) and not isinstance(x, list) and len(x['mu']) != args.dims:
             raise FIDError(f'{p} holds {len(x["mu"])}-d statistics but --dims is '
                            f'{args.dims}')
@@ -948,8 +1533,12 @@ def _cli(args):
     if any(folders):
         model = load_inception(args.weights, device, args.dims)
         stats = [extract_folder(x, model, args.batch_size, workers,
-                                features=args.kid, logits=args.isc)
+                                features=args.kid or args.prdc, logits=args.isc,
+                                progress=False if args.quiet else None)
                  if isinstance(x, list) else x for x in inputs]
+    pr = None
+    if args.prdc:                         # every rank takes its share of the blocks
+        pr = prdc(stats[0]['features'], stats[1]['features'], args.prdc_k)
     if _dist()[0] != 0:
         return None
     if args.save_stats:
@@ -960,6 +1549,8 @@ def _cli(args):
     if args.kid:
         out.append('KID:  %s %s' % kernel_inception_distance(stats[0]['features'],
                                                             stats[1]['features']))
+    if pr is not None:
+        out += [f'{name}: {pr[name]}' for name in ('precision', 'recall', 'density', 'coverage')]
     (m1, s1), (m2, s2) = [(s['mu'], s['sigma']) for s in stats]
     out.append(f'FID:  {frechet_distance(m1, s1, m2, s2)}')
     return out

@@ -1,0 +1,160 @@
+"""Benchmark: fid.prdc against the reference `prdc` package (clovaai).
+
+Same random float32 features for both (real and fake: independent N(0, 1)
+draws, i.e. two samples of one distribution), nearest_k = 5, this machine's CPU threads. Each measurement
+runs in a fresh subprocess (peak RSS is that process's own); fid.prdc and the
+reference alternate (ABBA) so that load from other processes hits both alike.
+Also measures this CPU's float32 matmul peak and sets it against the
+arithmetic floor: 2 D (N^2/2 + M^2/2 + N M) flops (the cross block in full,
+the two within-set blocks by symmetry in half).
+
+    python bench/bench_prdc.py                       # 10k vs 10k 2048-d, 2 rounds, + 50k
+    python bench/bench_prdc.py --n 2000 --big 0 --out /tmp/x.md   # smoke run
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import fid  # noqa: E402
+
+
+def features(n, m, d, seed=0):
+    real = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
+    fake = np.random.default_rng(seed + 1).standard_normal((m, d), dtype=np.float32)
+    return real, fake
+
+
+def worker(args):
+    """One measurement in this process: prints a JSON line."""
+    real, fake = features(args.n, args.m, args.d)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    t = time.perf_counter()
+    if args.worker == 'reference':
+        import contextlib
+        import io
+        import prdc
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = {k: float(v) for k, v in prdc.compute_prdc(real, fake, args.k).items()}
+    else:
+        out = fid.prdc(real, fake, args.k)
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(json.dumps(dict(seconds=dt, result=out, rss_gb=peak, features_rss_gb=base)))
+
+
+def measure(which, n, m, d, k):
+    cmd = [sys.executable, __file__, '--worker', which, '--n', str(n), '--m', str(m),
+           '--d', str(d), '--k', str(k)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f'{which} failed:\n{p.stderr[-3000:]}')
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def matmul_gflops(shapes=((2048, 2048, 2048), (1024, 2064, 4096)), reps=5):
+    """Best of `reps` float32 matmul GFLOP/s for (M, K, N) shapes: the square
+    one bench_fid.py uses, and fid.prdc's block shape."""
+    out = {}
+    for mm, kk, nn in shapes:
+        a, b = torch.randn(mm, kk), torch.randn(nn, kk)
+        c = torch.empty(mm, nn)
+        torch.mm(a, b.T, out=c)
+        best = float('inf')
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b.T, out=c)
+            best = min(best, time.perf_counter() - t)
+        out[(mm, kk, nn)] = 2 * mm * kk * nn / best / 1e9
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--n', type=int, default=10000)
+    ap.add_argument('--m', type=int, default=None, help='fake features (default: --n)')
+    ap.add_argument('--d', type=int, default=2048)
+    ap.add_argument('--k', type=int, default=5)
+    ap.add_argument('--rounds', type=int, default=2)
+    ap.add_argument('--big', type=int, default=50000, help='also N vs N with fid.prdc alone (0: skip)')
+    ap.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'prdc.md'))
+    ap.add_argument('--worker', choices=['ours', 'reference'], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.m = args.m or args.n
+    if args.worker:
+        return worker(args)
+
+    command = 'python bench/bench_prdc.py ' + ' '.join(sys.argv[1:])
+    load0 = os.getloadavg()
+    peak = matmul_gflops()
+    runs = {'ours': [], 'reference': []}
+    for r in range(args.rounds):
+        for which in (('ours', 'reference') if r % 2 == 0 else ('reference', 'ours')):
+            res = measure(which, args.n, args.m, args.d, args.k)
+            runs[which].append(res)
+            print(which, f"{res['seconds']:.2f} s", res['result'], flush=True)
+    big = measure('ours', args.big, args.big, args.d, args.k) if args.big else None
+    if big:
+        print('big', big, flush=True)
+    peak_after = matmul_gflops()
+    load1 = os.getloadavg()
+
+    med = {w: float(np.median([r['seconds'] for r in v])) for w, v in runs.items()}
+    same = all(r['result'] == runs['reference'][0]['result'] for v in runs.values() for r in v)
+    best_peak = max(max(peak.values()), max(peak_after.values()))
+    flops = 2 * args.d * (args.n ** 2 / 2 + args.m ** 2 / 2 + args.n * args.m)
+    floor = flops / (best_peak * 1e9)
+    lines = [
+        '# fid.prdc benchmark', '',
+        f'`{command}`, {time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()} '
+        f'({os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads), '
+        f'nearest_k = {args.k}, random float32 features (real and fake: independent N(0, 1) draws). '
+        f'Load average (1/5/15 min) at the start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, '
+        f'at the end {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}.', '',
+        f'## {args.n:,} vs {args.m:,} features, {args.d}-d', '',
+        '| | wall s per run (ABBA order) | median | peak RSS GB |', '|---|---|---|---|',
+    ]
+    for w, name in (('reference', 'prdc.compute_prdc'), ('ours', 'fid.prdc')):
+        times = ', '.join('%.2f' % r['seconds'] for r in runs[w])
+        rss = max(r['rss_gb'] for r in runs[w])
+        lines.append(f'| {name} | {times} | {med[w]:.2f} | {rss:.2f} |')
+    lines += [
+        '', f'Speed-up (median reference / median fid.prdc): **{med["reference"] / med["ours"]:.2f}x**. '
+        f'Same four numbers in every run: {"yes" if same else "NO"} '
+        f'({runs["reference"][0]["result"]}).', '',
+        '## Against the arithmetic floor', '',
+        f'- float32 matmul peak, best of 5 (before / after the runs): '
+        + ', '.join(f'{mm}x{kk} @ {kk}x{nn}: {peak[(mm, kk, nn)]:.0f} / {peak_after[(mm, kk, nn)]:.0f} GFLOP/s'
+                    for mm, kk, nn in peak) + '.',
+        f'- Floor: 2 D (N^2/2 + M^2/2 + N M) = {flops / 1e12:.2f} TFLOP at {best_peak:.0f} GFLOP/s '
+        f'= {floor:.2f} s; fid.prdc\'s median {med["ours"]:.2f} s is {100 * floor / med["ours"]:.0f}% '
+        f'of the floor\'s speed ({med["ours"] / floor:.2f}x the floor). The reference computes all three '
+        f'matrices in full ({2 * args.d * (args.n ** 2 + args.m ** 2 + args.n * args.m) / 1e12:.2f} TFLOP).',
+    ]
+    if big:
+        bflops = 2 * args.d * 2 * args.big ** 2
+        lines += [
+            '', f'## {args.big:,} vs {args.big:,} features, {args.d}-d (fid.prdc alone)', '',
+            f'- {big["seconds"]:.1f} s ({100 * bflops / (best_peak * 1e9) / big["seconds"]:.0f}% of the floor\'s '
+            f'speed), peak RSS {big["rss_gb"]:.2f} GB (of which {big["features_rss_gb"]:.2f} GB are the '
+            f'process and the two feature arrays before the call). The reference would hold three '
+            f'{args.big:,}^2 float32 matrices: {3 * 4 * args.big ** 2 / 1e9:.0f} GB.',
+            f'- Result: {big["result"]}.',
+        ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    main()
