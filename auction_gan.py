@@ -28,7 +28,6 @@ for the bids and for both sides of the auxiliary MSE. `none` (default) is the pa
     torchrun --nproc_per_node 2 auction_gan.py                     # DDP
 """
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +212,7 @@ def main():
     run = common.Run(args, 'auction_gan')
     data = run.load_data()
     batches = run.batches(data)
-    evaluator = common.Evaluator(data, args, run.device)
+    evaluator = common.Evaluator(data, args, run.device, n_gen=args.n_gans)
     N, L = args.n_gans, args.lot_size
 
     generators_raw, critics_raw = build_nets(args, data)
@@ -229,19 +228,10 @@ def main():
     start = run.resume(generators=generators_raw, discriminators=critics_raw, opt_G=opt_G, opt_D=opt_D,
                        wins=wins)
 
+    # n samples of each pair's generator, (N, n, ...): the metrics (the union's, each pair's) and --generate
+    sample_each = common.ensemble_sampler(generators_raw, args.latent_dim, args.batch_size, run.device)
     if args.generate:   # --generate N: samples from the checkpoint, no training
-        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
-
-    def sample_fn(n):  # the union: the uniform mixture of the N generators
-        return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
-
-    def pair_metrics():  # the same figures for each pair's generator alone
-        with evaluator.fixed_rng(), common.sampling(generators_raw):
-            n = evaluator.sample_count()
-            samples = torch.cat([generators_raw(torch.randn(N, args.batch_size, args.latent_dim, device=run.device))
-                                 for _ in range(math.ceil(n / args.batch_size))], 1)
-        per_pair = [evaluator.offline_metrics(lambda n, s=s: s[:n]) for s in samples]
-        return {f'pair_{k}': [m[k] for m in per_pair] for k in per_pair[0]}
+        return common.write_generated(run, sample_each)
 
     def draw_auction():
         """Noise for the N lots, and the auxiliary step's real batch X (m = L samples)."""
@@ -262,7 +252,7 @@ def main():
     loss_D = loss_aux = S = torch.zeros(N, device=run.device)
     loss_G = None  # logged from the first generator step on (a resume may land between two)
     X, winner = torch.zeros(N, N, device=run.device), torch.full((1,), -1, device=run.device)
-    metrics, auction_log, auction_rows = {}, {}, []
+    metrics, auction_log = {}, {}
     for it in run.iterations(start):
         real, _ = batches.get(it)
         B = len(real)
@@ -298,15 +288,13 @@ def main():
             loss_aux = auxiliary_step(critics, critics_raw, opt_D, real_aux, lots, item_bids, winner,
                                       args.loss, run, scale)
             wins.count.index_add_(0, winner, torch.ones(1, device=run.device))
-            auction_rows.append({'iteration': it + 1, 'winner': winner[0], 'S': S})   # auctions.csv
+            run.write_events('auctions.csv', [{'iteration': it + 1, 'winner': winner[0], 'S': S}])
             if clipping:
                 with torch.no_grad():
                     for p in critics_raw.parameters():
                         p.clamp_(-args.clip_value, args.clip_value)
 
-        metrics = evaluator.due(it, run.n_iters, sample_fn)
-        if metrics:
-            metrics.update(pair_metrics())
+        metrics = evaluator.due(it, run.n_iters, sample_each=sample_each)   # the union's, each pair's
         logging = bool(metrics) or run.due(it, args.log_interval)
         if logging:
             if args.no_auction:  # the auction as a bystander: fixed lots, no effect on training
@@ -320,9 +308,6 @@ def main():
             if loss_G is not None:   # under DDP: the mean over ranks, as the gradients
                 losses['G'] = run.all_reduce_mean(loss_G.detach())
             run.log(it, losses, {**auction_log, **metrics})
-        if logging or run.due(it, args.ckpt_interval):  # every auction's S(i) and winner, up to now
-            run.write_events('auctions.csv', auction_rows)
-            auction_rows = []
         if run.due(it, args.sample_interval):
             with common.sampling(generators_raw):
                 run.save_samples(it, generators_raw(fixed_z), data)

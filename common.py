@@ -609,7 +609,7 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     folder = {'auto': args.out_dir, None: None}.get(args.resume, args.resume)
     if args.resume == 'last':
-        folder = last_run_folder(parser.prog.removesuffix('.py'), args.dataset)
+        folder = last_run_folder(os.path.basename(sys.argv[0]).removesuffix('.py'), args.dataset)
     saved_path = os.path.join(folder, 'args.json') if folder else ''
     if not os.path.exists(saved_path):
         return args
@@ -914,12 +914,15 @@ def write_generated(run, sample_each, n_classes=0, chunk=None):
     return counts
 
 
-def ensemble_sampler(generators, latent_dim, device):
-    """sample_each for write_generated: n samples of each of K ensemble generators, (K, n, ...), each
-    from its own noise, batch norm in train mode as in training, no side effects."""
+def ensemble_sampler(generators, latent_dim, batch_size, device):
+    """sample_each(n) -> (K, n, ...): n samples of each of K ensemble generators, each from its own
+    noise, drawn in chunks of batch_size per generator (train-mode batch norm then sees batches of
+    training size), without side effects. For the metrics, --generate and sample_generators."""
     def sample_each(n, classes=None):
+        k = generators.n_gen
         with sampling(generators):
-            return generators(torch.randn(generators.n_gen, n, latent_dim, device=device))
+            return torch.cat([generators(torch.randn(k, batch_size, latent_dim, device=device))
+                              for _ in range(-(-n // batch_size))], 1)[:, :n]
     return sample_each
 
 
@@ -1021,7 +1024,7 @@ class Run:
             if not self.resuming:
                 with open(os.path.join(self.out_dir, 'args.json'), 'w') as f:
                     json.dump(vars(args), f, indent=2)
-        self.stop = StopSignals(watch_peers=self.world_size > 1) if not args.generate else None
+        self.stop = None   # StopSignals while the training loop runs (iterations)
         self.rows, self.last_losses, self.event_files, self.pending_events = [], {}, set(), {}
         self.objects, self.saved_at, self.start_iteration = {}, None, 0
         self.best = {}   # the tracked quality figure: {'metric', 'value', 'iteration'} once known
@@ -1104,19 +1107,23 @@ class Run:
     def iterations(self, start):
         """range(start, n_iters) for the training loop. After a SIGTERM, SIGUSR1 or SIGINT (under
         DDP: on any rank, agreed by all) it stops after the iteration in flight: a checkpoint, one line
-        on how to continue, exit 128 + the signal number."""
-        for it in range(start, self.n_iters):
-            yield it
-            signum = self.stop.agreed(self.control_group) if self.stop else 0
-            if signum:
-                if self.saved_at != it:
-                    self.save_checkpoint(it)
-                if self.is_main:
-                    print(f'{signal.Signals(signum).name}: stopped after iteration {it + 1} of {self.n_iters}; '
-                          f'checkpoint {self.ckpt_path}. Continue with: python {self.script}.py --resume '
-                          f'{self.out_dir}', file=sys.stderr, flush=True)
-                self.close()
-                sys.exit(128 + signum)
+        on how to continue, exit 128 + the signal number. The handlers are installed for the loop only."""
+        self.stop = StopSignals(watch_peers=self.world_size > 1)
+        try:
+            for it in range(start, self.n_iters):
+                yield it
+                signum = self.stop.agreed(self.control_group)
+                if signum:
+                    if self.saved_at != it:
+                        self.save_checkpoint(it)
+                    if self.is_main:
+                        print(f'{signal.Signals(signum).name}: stopped after iteration {it + 1} of {self.n_iters}; '
+                              f'checkpoint {self.ckpt_path}. Continue with: python {self.script}.py --resume '
+                              f'{self.out_dir}', file=sys.stderr, flush=True)
+                    self.close()
+                    sys.exit(128 + signum)
+        finally:
+            self.stop.restore()
 
     def save_checkpoint(self, iteration, which='last', **objects):
         """Atomically write the objects (by default those given to resume: nets, optimizers, ...), their
@@ -1432,21 +1439,42 @@ def plot_metrics(csv_paths, png_path, labels=None):
 # 5. Metrics
 # ----------------------------------------------------------------------------
 
-def mode_coverage_2d(samples, centres, std):
-    """A sample is high quality within 3 std of its nearest centre; a mode is covered
-    when some high-quality sample is nearest to it; KL(histogram of HQ samples over modes || uniform)."""
+def mode_counts_2d(samples, centres, std):
+    """High-quality samples per mode (a sample is high quality within 3 std of its nearest centre,
+    and counts for that centre) and the high-quality fraction."""
     samples, centres = samples.float().cpu(), centres.float().cpu()
     dist_, nearest = torch.cdist(samples, centres).min(1)
     hq = dist_ < 3 * std
-    counts = torch.bincount(nearest[hq], minlength=len(centres)).double()
-    n_modes = len(centres)
+    return torch.bincount(nearest[hq], minlength=len(centres)).double(), float(hq.float().mean())
+
+
+def coverage_figures(counts):
+    """modes_covered (modes with at least one sample) and KL(histogram over modes || uniform)."""
+    n_modes = len(counts)
     if counts.sum() == 0:
         kl = math.log(n_modes)
     else:
         p = counts / counts.sum()
         kl = float((p[p > 0] * (p[p > 0] * n_modes).log()).sum())
-    return {'modes_covered': int((counts > 0).sum()), 'hq_fraction': float(hq.float().mean()),
-            'kl_uniform': kl}
+    return {'modes_covered': int((counts > 0).sum()), 'kl_uniform': kl}
+
+
+def mode_coverage_2d(samples, centres, std):
+    """A sample is high quality within 3 std of its nearest centre; a mode is covered when some
+    high-quality sample is nearest to it; KL(histogram of HQ samples over modes || uniform)."""
+    counts, hq_fraction = mode_counts_2d(samples, centres, std)
+    return {**coverage_figures(counts), 'hq_fraction': hq_fraction}
+
+
+def overlap_figures(covered):
+    """For each pair of generators, the fraction of the modes covered by either that both cover
+    (intersection over union of their covered sets, 0 when neither covers any): the mean and the
+    maximum over pairs. 1: the generators cover the same modes; 0: they split them."""
+    covered = torch.stack([c.bool() for c in covered])
+    pairs = [(i, j) for i in range(len(covered)) for j in range(i + 1, len(covered))]
+    ious = [float((covered[i] & covered[j]).sum() / max(int((covered[i] | covered[j]).sum()), 1))
+            for i, j in pairs]
+    return {'overlap_mean': float(np.mean(ious)), 'overlap_max': max(ious)}
 
 
 class DigitClassifier(nn.Module):
@@ -1540,8 +1568,9 @@ class Evaluator:
     stacked sets: modes_covered (of 1000), kl_uniform. Other image sets: nothing offline.
     """
 
-    def __init__(self, data, args, device):
+    def __init__(self, data, args, device, n_gen=1):
         self.data, self.device, self.n, self.seed = data, device, args.eval_samples, args.seed
+        self.n_gen = n_gen   # generators behind the sample_each of due(): their figures come apart too
         self.eval_interval, self.fid_every = args.eval_interval, args.fid_every
         self.classifier, self.fid_tracker = None, None
         if args.generate:   # --generate computes no metrics: no classifier to train, no FID statistics
@@ -1554,7 +1583,8 @@ class Evaluator:
         if data.name == 'digits':
             with torch.no_grad():
                 real = data.batch(slice(None), augment=False)[0]
-                self.real_stats = feature_statistics(self.classifier.features(self.grey(real)))
+                self.real_features = self.classifier.features(self.grey(real))
+                self.real_stats = feature_statistics(self.real_features)
 
     @staticmethod
     def grey(images):
@@ -1584,21 +1614,26 @@ class Evaluator:
         with self.fixed_rng():
             return {'fid': self.fid_tracker.score(sample_fn)}
 
-    def due(self, iteration, n_iters, sample_fn, fid_sample_fn=None):
+    def due(self, iteration, n_iters, sample_fn=None, fid_sample_fn=None, sample_each=None):
         """The metrics due after `iteration`: the offline ones every --eval_interval, FID every
-        --fid_every (from fid_sample_fn when given, else sample_fn), both at the last iteration;
-        {} when none is due."""
+        --fid_every (from fid_sample_fn when given, else the mixture), both at the last iteration;
+        {} when none is due. Multi-generator scripts pass sample_each(n) -> (K, n, ...), n samples of
+        every generator: the mixture's figures come with each generator's and their overlap."""
+        if sample_fn is None:
+            sample_fn = lambda n: mixture(sample_each(-(-n // self.n_gen)), n)
         done, last = iteration + 1, iteration + 1 == n_iters
         out = {}
         if last or (self.eval_interval and done % self.eval_interval == 0):
-            out.update(self.evaluate(sample_fn))
+            out.update(self.evaluate(sample_fn, sample_each))
         if self.fid_tracker is not None and (last or done % self.fid_every == 0):
             out.update(self.fid(fid_sample_fn or sample_fn))
         return out
 
-    def evaluate(self, sample_fn):
+    def evaluate(self, sample_fn, sample_each=None):
         with self.fixed_rng():
-            return self.offline_metrics(sample_fn)
+            if sample_each is None:
+                return self.offline_metrics(sample_fn)
+            return self.per_generator_metrics(sample_each)
 
     def offline_metrics(self, sample_fn):
         """sample_fn(n) returns n samples, or (samples, the classes they were asked to show)."""
@@ -1606,19 +1641,86 @@ class Evaluator:
             return {}
         samples = sample_fn(self.sample_count())
         samples, labels = samples if isinstance(samples, tuple) else (samples, None)
+        return self.figures(samples, labels)[0]
+
+    def per_generator_metrics(self, sample_each):
+        """The figures of the mixture (n samples pooled from the K generators, n / K each), of each
+        generator (<figure>_<k>, on its n / K) and the overlap of the generators' modes."""
+        if self.classifier is None and not self.data.is_2d:
+            return {}
+        n, k = self.sample_count(), self.n_gen
+        each = sample_each(-(-n // k))
+        out, _ = self.figures(mixture(each, n))
+        covered = []
+        for member in range(k):
+            figures, modes = self.figures(each[member])
+            out.update({f'{name}_{member}': value for name, value in figures.items()})
+            covered.append(modes)
+        if k > 1:
+            out.update(overlap_figures(covered))
+        return out
+
+    def figures(self, samples, labels=None):
+        """(quality figures, the modes the samples cover) for one set of samples. Modes: the 2-D
+        set's Gaussians, the stacked triples, the digit classes (a class counts when it holds at
+        least 5% of the samples)."""
         if self.data.is_2d:
-            return mode_coverage_2d(samples, self.data.centres, self.data.std)
+            counts, hq_fraction = mode_counts_2d(samples, self.data.centres, self.data.std)
+            out = {**coverage_figures(counts), 'hq_fraction': hq_fraction}
+            out.update(self.prdc(self.real_points(), samples.float(), '2d'))
+            return out, counts > 0
         with torch.no_grad():
             if self.data.name == 'digits':
                 feats = torch.cat([self.classifier.features(self.grey(b)) for b in samples.split(500)])
                 out = {'fd_digits': gaussian_frechet_distance(*self.real_stats, *feature_statistics(feats))}
+                predicted = self.classifier.head(feats.to(self.device)).argmax(1).cpu()
                 if labels is not None:
-                    predicted = self.classifier.head(feats.to(self.device)).argmax(1).cpu()
                     out['class_accuracy'] = float((predicted == labels.cpu()).float().mean())
-                return out
+                out.update(self.prdc(self.real_features, feats, 'digits'))
+                return out, torch.bincount(predicted, minlength=10) >= 0.05 * len(predicted)
             digits = torch.stack([torch.cat([self.classifier(b[:, c:c + 1]).argmax(1) for b in samples.split(500)])
                                   for c in range(3)], 1)
-        return stacked_modes(digits)
+        counts = stacked_mode_counts(digits)
+        return coverage_figures(counts), counts > 0
+
+    def real_points(self):
+        """As many real 2-D points as the evaluation draws fakes, the same ones every time."""
+        return self.data.x[:self.sample_count()].float()
+
+    def prdc(self, real, fake, suffix):
+        """precision_<suffix>, recall_, density_, coverage_ (fid.prdc, k = 5) of fake against real
+        features; {} without fid.py (a copied script) or with too few samples."""
+        fid = optional_fid()
+        if fid is None or len(fake) <= PRDC_K or len(real) <= PRDC_K:
+            return {}
+        figures = fid.prdc(real, fake, nearest_k=PRDC_K, distributed=False)
+        return {f'{name}_{suffix}': value for name, value in figures.items()}
+
+
+PRDC_K = 5   # nearest neighbours for precision, recall, density and coverage (Naeem et al., 2020)
+
+
+def mixture(each, n):
+    """n samples of the uniform mixture from (K, m, ...) draws of K generators: interleaved, equal
+    shares (the first n of g0[0], g1[0], ..., g0[1], ...)."""
+    return each.transpose(0, 1).flatten(0, 1)[:n]
+
+
+def optional_fid():
+    """fid.py when it sits beside the script, else None (noted once): the sample-based metrics
+    (precision, recall, density, coverage) need it, a script copied with common.py alone runs without."""
+    global FID_MISSING_NOTED
+    try:
+        import fid
+        return fid
+    except ImportError:
+        if not FID_MISSING_NOTED:
+            print('note: precision/recall/density/coverage need fid.py beside this script; skipped', flush=True)
+            FID_MISSING_NOTED = True
+        return None
+
+
+FID_MISSING_NOTED = False
 
 
 def import_fid():
@@ -1644,20 +1746,17 @@ def make_fid_tracker(data, args, device):
 
 
 def sample_generators(generators, n, latent_dim, batch_size, device):
-    """n samples from the uniform mixture of K generators (K, B, latent) -> (K, B, ...), drawn in
-    chunks of batch_size per generator (train-mode batch norm sees batches of training size)."""
-    k = generators.n_gen
-    n_chunks = -(-n // (k * batch_size))
-    with sampling(generators):
-        out = torch.cat([generators(torch.randn(k, batch_size, latent_dim, device=device))
-                         for _ in range(n_chunks)], 1)
-    return out.transpose(0, 1).flatten(0, 1)[:n]
+    """n samples from the uniform mixture of K ensemble generators (K, B, latent) -> (K, B, ...)."""
+    each = ensemble_sampler(generators, latent_dim, batch_size, device)(-(-n // generators.n_gen))
+    return mixture(each, n)
+
+
+def stacked_mode_counts(digit_triples):
+    """Samples per stacked mode (of 1000) from (N, 3) classified digits."""
+    modes = digit_triples[:, 0] * 100 + digit_triples[:, 1] * 10 + digit_triples[:, 2]
+    return torch.bincount(modes.cpu(), minlength=1000).double()
 
 
 def stacked_modes(digit_triples):
     """Distinct modes (of 1000) and KL(mode histogram || uniform) from (N, 3) classified digits."""
-    modes = digit_triples[:, 0] * 100 + digit_triples[:, 1] * 10 + digit_triples[:, 2]
-    counts = torch.bincount(modes.cpu(), minlength=1000).double()
-    p = counts / counts.sum()
-    kl = float((p[p > 0] * (p[p > 0] * 1000).log()).sum())
-    return {'modes_covered': int((counts > 0).sum()), 'kl_uniform': kl}
+    return coverage_figures(stacked_mode_counts(digit_triples))

@@ -408,11 +408,24 @@ def model_fingerprint(model):
 # 3. Streaming statistics and feature extraction (sharded under torchrun)
 # ---------------------------------------------------------------------------
 
+_ALONE = []   # non-empty inside _alone(): this process works as if it were the only one
+
+
 def _dist():
-    """(rank, world size); (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size); (0, 1) unless torch.distributed is initialised (or inside _alone)."""
+    if dist.is_available() and dist.is_initialized() and not _ALONE:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def _alone():
+    """No sharding and no collectives inside: for a rank computing on its own data."""
+    _ALONE.append(True)
+    try:
+        yield
+    finally:
+        _ALONE.pop()
 
 
 class _ErrorOnSomeRank(FIDError):
@@ -1322,7 +1335,7 @@ def _fp32_matmul(device):
                 mk.fp32_precision = saved
 
 
-def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
+def prdc(real_features, fake_features, nearest_k=5, chunk_size=None, distributed=True):
     """dict(precision, recall, density, coverage) of fake against real features
     (numpy arrays or tensors, (N, D) and (M, D)), exactly as the reference
     `prdc` package (Naeem et al. 2020) computes them:
@@ -1340,7 +1353,11 @@ def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
     reference computes, without its rounding noise: exact, then rounded to
     float32 (float64 for float64 features) as sklearn rounds them. Under
     torch.distributed (every rank passing the same features) the blocks are
-    sharded across ranks and the counts summed; every rank gets the result."""
+    sharded across ranks and the counts summed; every rank gets the result.
+    distributed=False: each rank computes on its own features, alone."""
+    if not distributed:
+        with _alone():
+            return prdc(real_features, fake_features, nearest_k, chunk_size)
     if isinstance(nearest_k, bool) or not isinstance(nearest_k, (int, np.integer)) or nearest_k < 1:
         raise FIDError(f'nearest_k must be an integer >= 1, not {nearest_k!r}')
     k = int(nearest_k)

@@ -124,7 +124,8 @@ def main():
     start = run.resume(generator=generator_raw, discriminator=discriminator_raw, opt_G=opt_G, opt_D=opt_D)
 
     if args.generate:   # --generate N: samples from the checkpoint, no training
-        return common.write_generated(run, common.ensemble_sampler(generator_raw, args.latent_dim, run.device))
+        return common.write_generated(run, common.ensemble_sampler(generator_raw, args.latent_dim, args.batch_size,
+                                                                   run.device))
 
     def sample_fn(n):
         with common.sampling(generator_raw):

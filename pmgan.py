@@ -353,7 +353,7 @@ def main():
     generators = torch.compile(generators_raw) if args.compile else generators_raw
     dc_raw = build_dc(args, data)
     dc = run.prepare(dc_raw)                               # D and C: data-parallel under torchrun
-    evaluator = common.Evaluator(data, args, run.device)
+    evaluator = common.Evaluator(data, args, run.device, n_gen=K)
     opt_G = torch.optim.Adam(generators_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
     opt_DC = torch.optim.Adam(dc_raw.parameters(), lr=args.lr, betas=(args.b1, args.b2))
     nets = SimpleNamespace(generators=generators, dc=dc, dc_raw=dc_raw, opt_G=opt_G, opt_DC=opt_DC, owned=owned)
@@ -364,22 +364,18 @@ def main():
     n_fixed = max(50, 2500 // K) if data.is_2d else 10
     fixed_z = torch.randn(K, n_fixed, args.latent_dim, generator=fixed)[owned].to(run.device)
     start = run.resume(generators=g_ckpt, opt_G=opt_ckpt, dc=dc_raw, opt_DC=opt_DC, balance=slots)
+    # n samples of this rank's generators in chunks of m (the training batch per generator), gathered:
+    # (K, n, ...) of all K on every rank, for the metrics (the mixture's, each one's) and --generate
+    own_each = common.ensemble_sampler(generators_raw, args.latent_dim, m, run.device)
+    sample_each = lambda n, classes=None: gather_generators(own_each(n), run, K)
     if args.generate:   # --generate N: samples from the checkpoint, no training (one process)
-        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
+        return common.write_generated(run, sample_each)
     if run.is_main:
         print(f'pmgan: K={K} generators, {m} fake samples each per step; '
               + '; '.join(f'rank {r}: generators {list(range(r, K, W))}' for r in range(W)), flush=True)
 
-    def sample_fn(n):   # the uniform mixture of all K generators, for the quality metrics
-        per_gen = -(-n // K)
-        with common.sampling(generators_raw):
-            chunks = [generators_raw(torch.randn(len(owned), m, args.latent_dim, device=run.device))
-                      for _ in range(-(-per_gen // m))]
-        mine = torch.cat(chunks, 1)[:, :per_gen]
-        return gather_generators(mine, run, K).transpose(0, 1).flatten(0, 1)[:n]
-
     def fid_sample_fn(n):  # every rank holds the same gathered mixture: FID keeps this rank's slice
-        return sample_fn(n * W)[run.rank::W]
+        return common.mixture(sample_each(-(-n * W // K)), n * W)[run.rank::W]
 
     metrics = {}
     for it in run.iterations(start):
@@ -387,7 +383,7 @@ def main():
         z = torch.randn(len(owned), m, args.latent_dim, device=run.device)   # this rank's generators
         losses, slots.values = train_step(it, real, z, nets, args, run, data.is_2d)   # beta, J^D, J^C
 
-        metrics = evaluator.due(it, run.n_iters, sample_fn, fid_sample_fn)
+        metrics = evaluator.due(it, run.n_iters, fid_sample_fn=fid_sample_fn, sample_each=sample_each)
         if metrics or run.due(it, args.log_interval):
             run.log(it, {'D': run.all_reduce_mean(losses['D']), 'C': run.all_reduce_mean(losses['C']),
                          'G': losses['G']},   # all ranks: the global losses

@@ -87,7 +87,7 @@ def main():
     run = common.Run(args, 'racing_wgan')
     data = run.load_data()
     batches = run.batches(data)
-    evaluator = common.Evaluator(data, args, run.device)
+    evaluator = common.Evaluator(data, args, run.device, n_gen=args.n_gen)
     K = args.n_gen
 
     generators_raw, critic_raw = build_nets(args, data)
@@ -100,11 +100,10 @@ def main():
     fixed_z = torch.randn(500 if data.is_2d else 10, args.latent_dim, device=run.device)
     start = run.resume(generators=generators_raw, critic=critic_raw, opt_G=opt_G, opt_D=opt_D)
 
+    # n samples of each generator, (K, n, ...): the metrics (the mixture's, each one's) and --generate
+    sample_each = common.ensemble_sampler(generators_raw, args.latent_dim, args.batch_size, run.device)
     if args.generate:   # --generate N: samples from the checkpoint, no training
-        return common.write_generated(run, common.ensemble_sampler(generators_raw, args.latent_dim, run.device))
-
-    def sample_fn(n):  # the uniform mixture of the K generators, for the quality metrics
-        return common.sample_generators(generators_raw, n, args.latent_dim, args.batch_size, run.device)
+        return common.write_generated(run, sample_each)
 
     loss_G = race = None  # logged from the first generator step on (a resume may land between two)
     metrics = {}
@@ -142,7 +141,7 @@ def main():
             run.step(loss_G.sum(), opt_G)  # the sum: each generator gets only its own gradient
             critic_raw.requires_grad_(True)
 
-        metrics = evaluator.due(it, run.n_iters, sample_fn)
+        metrics = evaluator.due(it, run.n_iters, sample_each=sample_each)
         if metrics or run.due(it, args.log_interval):
             losses = {'D': loss_D}
             if loss_G is not None:

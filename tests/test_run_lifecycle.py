@@ -68,9 +68,9 @@ def snapshot(folder):
 
 # --- never overwrite a run; --resume auto / last -----------------------------------------------
 
-def test_fresh_run_into_a_used_folder_is_refused_and_touches_nothing(tmp_path, data_root):
+def test_fresh_run_into_a_used_folder_is_refused_and_touches_nothing(tmp_path, data_root, monkeypatch):
     args = ['--n_iters', 4] + tiny('racing_wgan', data_root, tmp_path / 'exp1')
-    assert run_script('racing_wgan', args, tmp_path).returncode == 0
+    run_main(load_script('racing_wgan'), args, monkeypatch)
     before = snapshot(tmp_path / 'exp1')
     args[1] = 2   # the retyped command after a crash, --resume forgotten
     result = run_script('racing_wgan', args, tmp_path)
@@ -79,29 +79,30 @@ def test_fresh_run_into_a_used_folder_is_refused_and_touches_nothing(tmp_path, d
     assert ckpt(tmp_path / 'exp1')['iteration'] == 4
 
 
-def test_resume_auto_starts_fresh_then_continues_then_says_done(tmp_path, data_root):
-    out = tmp_path / 'job'
+def test_resume_auto_starts_fresh_then_continues_then_says_done(tmp_path, data_root, monkeypatch, capsys):
+    out, racing_wgan = tmp_path / 'job', load_script('racing_wgan')
     base = tiny('racing_wgan', data_root, out, '--resume', 'auto')
-    first = run_script('racing_wgan', ['--n_iters', 3] + base, tmp_path)
-    assert first.returncode == 0, first.stderr
+    run_main(racing_wgan, ['--n_iters', 3] + base, monkeypatch)
     assert ckpt(out)['iteration'] == 3
-    second = run_script('racing_wgan', ['--n_iters', 6] + base, tmp_path)   # now it has a checkpoint
-    assert second.returncode == 0, second.stderr
+    run_main(racing_wgan, ['--n_iters', 6] + base, monkeypatch)   # now it has a checkpoint
     assert ckpt(out)['iteration'] == 6 and iterations_logged(out) == list(range(1, 7))
-    again = run_script('racing_wgan', ['--n_iters', 6] + base, tmp_path)    # finished: nothing to do
-    assert again.returncode == 0 and 'complete' in again.stdout
-    assert_one_line_error(run_script('racing_wgan', ['--resume', 'auto'], tmp_path), '--resume auto needs --out_dir')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:                   # finished: nothing to do, exit 0
+        run_main(racing_wgan, ['--n_iters', 6] + base, monkeypatch)
+    assert exit_.value.code == 0 and 'complete' in capsys.readouterr().out
+    with pytest.raises(common.UserError, match='--resume auto needs --out_dir'):
+        run_main(racing_wgan, ['--resume', 'auto'], monkeypatch)
 
 
-def test_resume_takes_the_runs_flags_and_last_finds_the_newest(tmp_path, data_root):
-    work = tmp_path / 'work'
+def test_resume_takes_the_runs_flags_and_last_finds_the_newest(tmp_path, data_root, monkeypatch):
+    work, racing_wgan = tmp_path / 'work', load_script('racing_wgan')
     work.mkdir()
+    monkeypatch.chdir(work)
     args = ['--n_iters', 3, '--race_weight', 0.5] + tiny('racing_wgan', data_root, 'unused')[:-2]
     for _ in range(2):   # runs/racing_wgan/digits-001 and -002
-        assert run_script('racing_wgan', args, work).returncode == 0
+        run_main(racing_wgan, args, monkeypatch)
     # only --n_iters given: every other flag (sizes, --race_weight, data root) comes from args.json
-    result = run_script('racing_wgan', ['--resume', 'last', '--n_iters', 5], work)
-    assert result.returncode == 0, result.stderr
+    run_main(racing_wgan, ['--resume', 'last', '--n_iters', 5], monkeypatch)
     newest = work / 'runs' / 'racing_wgan' / 'digits-002'
     assert ckpt(newest)['iteration'] == 5 and ckpt(work / 'runs' / 'racing_wgan' / 'digits-001')['iteration'] == 3
     assert json.loads((newest / 'args.json').read_text())['race_weight'] == 0.5
@@ -120,7 +121,9 @@ def wait_for_log_lines(proc, n, timeout=120):
     while seen < n:
         line = proc.stdout.readline()
         assert line and time.time() < deadline, 'the run ended or stalled before it logged'
-        seen += line.startswith('[Epoch')
+        if line.startswith('[Epoch'):
+            seen += 1
+            assert line.rstrip().endswith('s]') and '[ETA ' in line, line   # ... [12.3 it/s] [ETA 3m12s]
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
@@ -149,6 +152,7 @@ def test_signal_checkpoints_the_iteration_and_resume_equals_an_uninterrupted_run
 def test_second_interrupt_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(common.os, '_exit', lambda code: exits.append(code))
+    before = signal.getsignal(signal.SIGINT)
     stop = common.StopSignals(watch_peers=False)
     try:
         stop.handle(signal.SIGTERM, None)
@@ -159,7 +163,7 @@ def test_second_interrupt_exits_at_once(monkeypatch):
         assert exits == [128 + signal.SIGINT]                # a second Ctrl-C: now
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def torchrun_cmd(script, nproc=2, max_restarts=0):
@@ -237,12 +241,11 @@ def test_elastic_restart_after_kill_9_ends_as_an_uninterrupted_run(tmp_path, nam
 # --- --generate and ckpt_best.pt --------------------------------------------------------------
 
 @pytest.mark.parametrize('name', SCRIPTS)
-def test_generate_writes_pngs_and_changes_nothing_else(tmp_path, data_root, name):
-    out = tmp_path / 'run'
-    assert run_script(name, ['--n_iters', 2] + tiny(name, data_root, out), tmp_path).returncode == 0
+def test_generate_writes_pngs_and_changes_nothing_else(tmp_path, data_root, name, monkeypatch):
+    out, module = tmp_path / 'run', load_script(name)
+    run_main(module, ['--n_iters', 2] + tiny(name, data_root, out), monkeypatch)
     before = snapshot(out)
-    result = run_script(name, ['--resume', out, '--generate', 7], tmp_path)
-    assert result.returncode == 0, result.stderr
+    run_main(module, ['--resume', out, '--generate', 7], monkeypatch)
     assert snapshot(out) == before   # ckpt.pt, metrics.csv, summary.json, samples: untouched
     size = TINY[name][TINY[name].index('--img_size') + 1]
     folders = {'all'} | ({'g0', 'g1'} if name in ('racing_wgan', 'racing_dcgan', 'pmgan', 'auction_gan') else set())
@@ -255,10 +258,10 @@ def test_generate_writes_pngs_and_changes_nothing_else(tmp_path, data_root, name
             assert im.size == (size, size) and im.mode == 'L'   # grey, as trained
 
 
-def test_generate_2d_points_and_from_best(tmp_path):
-    out = tmp_path / 'run'
+def test_generate_2d_points_and_from_best(tmp_path, monkeypatch, capsys):
+    out, racing_wgan = tmp_path / 'run', load_script('racing_wgan')
     args = RING8 + ['--n_gen', '2', '--gp', '1', '--n_iters', 6, '--eval_interval', 2, '--out_dir', out]
-    assert run_script('racing_wgan', args, tmp_path).returncode == 0
+    run_main(racing_wgan, args, monkeypatch)
     summary = json.loads((out / 'summary.json').read_text())
     with open(out / 'metrics.csv') as f:
         kl = {int(r['iteration']): float(r['kl_uniform']) for r in csv.DictReader(f) if r.get('kl_uniform')}
@@ -266,8 +269,9 @@ def test_generate_2d_points_and_from_best(tmp_path):
     assert set(kl) == {2, 4, 6}
     assert summary['best_kl_uniform'] == pytest.approx(kl[best_at]) and summary['best_iteration'] == best_at
     assert ckpt(out, 'ckpt_best.pt')['iteration'] == best_at
-    result = run_script('racing_wgan', ['--resume', out, '--generate', 300, '--from', 'best'], tmp_path)
-    assert result.returncode == 0 and 'ckpt_best.pt' in result.stdout, result.stderr
+    capsys.readouterr()
+    run_main(racing_wgan, ['--resume', out, '--generate', 300, '--from', 'best'], monkeypatch)
+    assert 'from ckpt_best.pt, iteration' in capsys.readouterr().out
     points = np.load(out / 'generated' / 'all.npy')
     assert points.shape == (300, 2) and np.load(out / 'generated' / 'g1.npy').shape == (300, 2)
     # the mixture interleaves the generators' draws: equal shares
@@ -275,14 +279,15 @@ def test_generate_2d_points_and_from_best(tmp_path):
     assert np.array_equal(points[0::2], np.load(out / 'generated' / 'g0.npy')[:150])
 
 
-def test_generate_uses_ema_and_truncation_in_biggan(tmp_path, data_root):
+def test_generate_uses_ema_and_truncation_in_biggan(tmp_path, data_root, monkeypatch):
+    biggan_sn = load_script('biggan_sn')
     for name, flags in (('ema', ['--ema', '--ema_start', 0, '--ema_decay', 0.5]), ('plain', [])):
-        args = ['--n_iters', 3] + tiny('biggan_sn', data_root, tmp_path / name) + flags
-        assert run_script('biggan_sn', args, tmp_path).returncode == 0   # the same G (the EMA is a bystander)
+        args = ['--n_iters', 3, '--standing_stats', 2] + tiny('biggan_sn', data_root, tmp_path / name) + flags
+        run_main(biggan_sn, args, monkeypatch)   # the same G both times (the EMA is a bystander)
 
     def generated(name, *flags):
         out = tmp_path / name
-        assert run_script('biggan_sn', ['--resume', out, '--generate', 4, *flags], tmp_path).returncode == 0
+        run_main(biggan_sn, ['--resume', out, '--generate', 4, *flags], monkeypatch)
         return np.stack([np.asarray(Image.open(out / 'generated' / 'class3' / f'{i:06d}.png')) for i in range(4)])
 
     ema = generated('ema')
@@ -291,17 +296,19 @@ def test_generate_uses_ema_and_truncation_in_biggan(tmp_path, data_root):
     assert not np.array_equal(ema, generated('plain'))                # and so does the EMA generator
 
 
-def test_generate_bad_input(tmp_path, data_root):
-    assert_one_line_error(run_script('racing_wgan', ['--generate', 0], tmp_path), '--generate', 'at least 1')
+def test_generate_bad_input(tmp_path, data_root, monkeypatch):
     assert_one_line_error(run_script('racing_wgan', ['--generate', 5], tmp_path), '--generate', '--resume RUN')
+    racing_wgan = load_script('racing_wgan')
+    with pytest.raises(SystemExit):
+        racing_wgan.parser.parse_args(['--generate', '0'])
     (tmp_path / 'empty_run').mkdir()
-    assert_one_line_error(run_script('racing_wgan', ['--resume', tmp_path / 'empty_run', '--generate', 5], tmp_path),
-                          'no checkpoint')
+    with pytest.raises(common.UserError, match='no checkpoint'):
+        run_main(racing_wgan, ['--resume', tmp_path / 'empty_run', '--generate', 5], monkeypatch)
     out = tmp_path / 'run'
-    assert run_script('racing_wgan', ['--n_iters', 2] + tiny('racing_wgan', data_root, out), tmp_path).returncode == 0
+    run_main(racing_wgan, ['--n_iters', 2] + tiny('racing_wgan', data_root, out), monkeypatch)
     os.remove(out / 'ckpt_best.pt')   # as in a run that tracked no quality figure
-    assert_one_line_error(run_script('racing_wgan', ['--resume', out, '--generate', 5, '--from', 'best'], tmp_path),
-                          'ckpt_best.pt')
+    with pytest.raises(common.UserError, match='ckpt_best.pt'):
+        run_main(racing_wgan, ['--resume', out, '--generate', 5, '--from', 'best'], monkeypatch)
 
 
 # --- safe loading -----------------------------------------------------------------------------
@@ -314,16 +321,17 @@ class RunsCodeOnLoad:
         return (open, (self.marker, 'w'))   # unpickling would create the marker file
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, data_root):
-    out = tmp_path / 'run'
-    assert run_script('racing_wgan', ['--n_iters', 2] + tiny('racing_wgan', data_root, out), tmp_path).returncode == 0
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, data_root, monkeypatch):
+    out, racing_wgan = tmp_path / 'run', load_script('racing_wgan')
+    run_main(racing_wgan, ['--n_iters', 2] + tiny('racing_wgan', data_root, out), monkeypatch)
     state = ckpt(out)
     state['payload'] = RunsCodeOnLoad(str(tmp_path / 'marker'))
     torch.save(state, out / 'ckpt.pt')
     for extra in (['--n_iters', 4], ['--generate', 3]):
-        result = run_script('racing_wgan', ['--resume', out] + extra, tmp_path)
-        assert_one_line_error(result, 'refusing to load', 'could run code')
+        with pytest.raises(common.UserError, match='refusing to load .* could run code'):
+            run_main(racing_wgan, ['--resume', out] + extra, monkeypatch)
         assert not (tmp_path / 'marker').exists()
+    assert_one_line_error(run_script('racing_wgan', ['--resume', out, '--n_iters', 4], tmp_path), 'refusing to load')
 
 
 # --- fp16 on the CPU, NaN in pmgan's generators -------------------------------------------------
@@ -365,11 +373,15 @@ def test_pmgan_fp16_keeps_a_scaler_per_optimizer_and_nan_generators_are_never_sa
 # --- flags and --help -------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', SCRIPTS)
-def test_bad_numbers_are_refused_when_parsed(tmp_path, name):
+def test_bad_shared_numbers_are_refused_when_parsed(name, capsys):
+    parser = load_script(name).parser
     for flags, words in ((['--lr', '-1'], ['--lr', 'more than 0']), (['--b1', '1.5'], ['--b1', '[0, 1)']),
                          (['--batch_size', 'x'], ['--batch_size', 'not an integer']),
-                         (['--lr', 'nan'], ['--lr', 'finite'])):
-        assert_one_line_error(run_script(name, flags, tmp_path), *words)
+                         (['--lr', 'nan'], ['--lr', 'finite']), (['--amp', 'fp8'], ['--amp', 'fp16'])):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(flags)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_.value.code == 2 and len(err) == 1 and all(w in err[0] for w in words), err
 
 
 @pytest.mark.parametrize('name', SCRIPTS)
