@@ -79,18 +79,19 @@ def report(a):
         if not summaries:
             continue
         row = {'seeds': len(summaries), 'wall_seconds': mean_std([s['wall_seconds'] for s in summaries])}
+        pair = lambda s, key: [s[f'{key}_{i}'] for i in range(len(s['wins']))]   # <figure>_<i>: pair i's
         for key in ('modes_covered', 'hq_fraction', 'kl_uniform'):
             row['union_' + key] = mean_std([s[key] for s in summaries])
-            row['pair_' + key] = mean_std([v for s in summaries for v in s['pair_' + key]])
+            row['pair_' + key] = mean_std([v for s in summaries for v in pair(s, key)])
         row['union_modes_per_seed'] = [s['modes_covered'] for s in summaries]
-        row['pair_modes_per_seed'] = [s['pair_modes_covered'] for s in summaries]
+        row['pair_modes_per_seed'] = [pair(s, 'modes_covered') for s in summaries]
         if mode == 'auction':  # does the auction's favourite pair look best by the metrics?
             row['wins_per_seed'] = [[int(w) for w in s['wins']] for s in summaries]
             top = [max(range(len(s['wins'])), key=lambda i: s['wins'][i]) for s in summaries]
             for key in ('modes_covered', 'hq_fraction'):
-                row['top_winner_' + key] = mean_std([s['pair_' + key][t] for s, t in zip(summaries, top)])
+                row['top_winner_' + key] = mean_std([pair(s, key)[t] for s, t in zip(summaries, top)])
                 row['others_' + key] = mean_std([v for s, t in zip(summaries, top)
-                                                 for i, v in enumerate(s['pair_' + key]) if i != t])
+                                                 for i, v in enumerate(pair(s, key)) if i != t])
         table[f'{loss}-{ds}-{mode}'] = row
     n_modes = {'ring8': 8, 'grid25': 25}
     lines = ['| loss | data | auction | union modes | union HQ | union KL | pair modes | pair HQ | pair KL | seeds |',
@@ -151,7 +152,7 @@ def scatter_figure(a, loss, ds):
             ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, c=f'C{i}')
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect('equal')
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f'G{i}: {summary["pair_modes_covered"][i]} modes, HQ {summary["pair_hq_fraction"][i]:.2f}',
+            ax.set_title(f'G{i}: {summary[f"modes_covered_{i}"]} modes, HQ {summary[f"hq_fraction_{i}"]:.2f}',
                          fontsize=8)
         axes[row, 0].set_ylabel(('with the auction' if mode == 'auction' else 'independent (--no_auction)') +
                                 f'\nunion {summary["modes_covered"]} modes', fontsize=9)

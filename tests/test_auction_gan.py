@@ -253,8 +253,9 @@ def test_ring8_run_logs_auction_and_coverage(tmp_path, monkeypatch):
     assert {'bid_self', 'bid_other', 'aux_0'} <= set(rows[0])
     summary = json.loads((out / 'summary.json').read_text())
     assert {'modes_covered', 'hq_fraction', 'kl_uniform'} <= set(summary)       # the union
-    assert len(summary['pair_modes_covered']) == len(summary['pair_hq_fraction']) == 3
-    assert summary['modes_covered'] >= max(summary['pair_modes_covered'])
+    pairs = [summary[f'modes_covered_{i}'] for i in range(3)]                   # each pair's generator
+    assert all(f'hq_fraction_{i}' in summary for i in range(3)) and 'modes_covered_3' not in summary
+    assert summary['modes_covered'] >= max(pairs) and 0 <= summary['overlap_mean'] <= summary['overlap_max'] <= 1
     assert (out / 'samples' / 'iter_000006.png').exists() and (out / 'ckpt.pt').exists()
 
 
@@ -319,7 +320,7 @@ def test_digits_pairs_are_dcgans(tmp_path, monkeypatch, data_root):
     assert any(v.dim() == 4 for v in state['discriminators'].values())           # grouped convs
     assert not any('running_mean' in k for k in state['discriminators'])         # no BN in D
     summary = json.loads((out / 'summary.json').read_text())
-    assert 'fd_digits' in summary and len(summary['pair_fd_digits']) == 3
+    assert 'fd_digits' in summary and all(f'fd_digits_{i}' in summary for i in range(3))
     from PIL import Image
     with Image.open(out / 'samples' / 'iter_000002.png') as im:   # one row of 10 per pair
         assert im.size[1] < im.size[0] and im.size[1] > 2 * 16
