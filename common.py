@@ -592,6 +592,8 @@ def base_parser(description, dataset='digits'):
     a('--fid_every', type=non_negative_int, default=0, help='iterations between FIDs via fid.py (0 = off)')
     a('--fid_samples', type=fid_sample_count, default=10000, help='generated samples per FID')
     a('--fid_weights', default=None, help='FID Inception weights (default: $FID_WEIGHTS or the torch hub cache)')
+    a('--prdc', action='store_true', help='with --fid_every: also precision, recall, density and coverage '
+      '(Kynkaanniemi et al. 2019; Naeem et al. 2020) on the same Inception features')
     a('--generate', type=positive_int, default=None, metavar='N',
       help='with --resume RUN: write N samples as PNGs (2-D sets: .npy) under RUN/generated/ and stop; '
       'no training, nothing else in the run changes')
@@ -1007,6 +1009,9 @@ class Run:
         self.fp16_scaling = amp == 'fp16'
         self.scalers = {}  # one GradScaler per optimizer (scaler_for), empty unless fp16
 
+        if args.prdc and not args.fid_every:
+            raise UserError('--prdc computes precision/recall/density/coverage with FID: pass --fid_every N too '
+                            '(digits and 2-D runs get them offline without it)')
         if args.fid_every and not args.generate:  # refuse before a run folder is made, not after
             fid = import_fid()
             try:
@@ -1612,7 +1617,7 @@ class Evaluator:
         if self.fid_tracker is None:
             return {}
         with self.fixed_rng():
-            return {'fid': self.fid_tracker.score(sample_fn)}
+            return self.fid_tracker.scores(sample_fn)   # fid, and the four of --prdc
 
     def due(self, iteration, n_iters, sample_fn=None, fid_sample_fn=None, sample_each=None):
         """The metrics due after `iteration`: the offline ones every --eval_interval, FID every
@@ -1740,7 +1745,7 @@ def make_fid_tracker(data, args, device):
     try:
         return fid.FIDTracker(data.x, key=key, device=device,   # uint8: never flipped, converted per batch
                               n_samples=args.fid_samples, batch_size=max(args.batch_size, 50),
-                              cache_dir=args.data_root, weights=args.fid_weights)
+                              cache_dir=args.data_root, weights=args.fid_weights, prdc=args.prdc)
     except fid.FIDError as e:  # fid.py's CLI flag is --weights; the scripts' is --fid_weights
         raise UserError(str(e).replace('--weights', '--fid_weights'))
 

@@ -1432,23 +1432,35 @@ class FIDTracker:
     Weights are resolved when it is built (a missing file fails at start-up,
     not mid-run); the real statistics are cached in `cache_dir`. Under
     torch.distributed each rank draws its share of samples and every rank
-    gets the same number."""
+    gets the same number. prdc=True adds precision, recall, density and
+    coverage (k = 5) against the features of n_samples real images (a fixed
+    random subset when there are more), extracted once when it is built."""
 
     def __init__(self, real_images, key, device, n_samples=10000, batch_size=50,
-                 cache_dir='fid_cache', weights=None, dims=2048):
+                 cache_dir='fid_cache', weights=None, dims=2048, prdc=False):
         self.model = load_inception(weights, device, dims)
         self.n_samples, self.batch_size = n_samples, batch_size
         self.mu, self.sigma = reference_statistics(
             f'{key}-n{len(real_images)}-d{dims}', real_images, self.model,
             cache_dir, batch_size)
+        self.real_features = None
+        if prdc:
+            g = torch.Generator().manual_seed(0)
+            keep = torch.randperm(len(real_images), generator=g)[:n_samples].sort().values
+            self.real_features = extract_images(real_images[keep.to(real_images.device)], self.model,
+                                                batch_size, features=True)['features']
 
     def scores(self, sample_fn, isc=False):
-        """dict(fid=...), plus is_mean and is_std when isc."""
+        """dict(fid=...), plus is_mean and is_std when isc, and precision,
+        recall, density, coverage when built with prdc=True."""
+        with_prdc = self.real_features is not None
         res = extract_generator(sample_fn, self.n_samples, self.model,
-                                self.batch_size, logits=isc)
+                                self.batch_size, logits=isc, features=with_prdc)
         out = {'fid': frechet_distance(self.mu, self.sigma, res['mu'], res['sigma'])}
         if isc:
             out['is_mean'], out['is_std'] = inception_score(res['logits'])
+        if with_prdc:                     # every rank holds all features: sharded
+            out.update(prdc(self.real_features, res['features']))
         if _dist()[1] > 1:                # bit-identical on every rank
             obj = [out]
             dist.broadcast_object_list(obj, src=0)

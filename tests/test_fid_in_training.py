@@ -98,3 +98,16 @@ def test_pmgan_torchrun_fid_with_a_collective_sampler(tmp_path, data_root, fid_t
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / 'summary.json') as f:
         assert json.load(f)['fid'] > 0
+
+
+def test_prdc_adds_the_four_figures_on_inception_features(tmp_path, data_root, fid_torch_home, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', fid_torch_home)
+    monkeypatch.delenv('FID_WEIGHTS', raising=False)
+    out = tmp_path / 'run'
+    run_main(racing_wgan, TINY + ['--n_iters', 2, '--fid_every', 2, '--prdc', '--data_root', data_root,
+                                  '--out_dir', out], monkeypatch)
+    summary = json.loads((out / 'summary.json').read_text())
+    assert 'fid' in summary and all(0 <= summary[k] for k in ('precision', 'recall', 'density', 'coverage'))
+    assert 'coverage_digits' in summary   # the offline ones on the classifier's features, beside them
+    with pytest.raises(common.UserError, match='--prdc .* --fid_every'):
+        run_main(racing_wgan, TINY + ['--n_iters', 2, '--prdc', '--out_dir', tmp_path / 'b'], monkeypatch)
