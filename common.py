@@ -405,12 +405,14 @@ def folder_cache_dir(root):
 def file_listing(root, paths):
     """What a cache must match: the files relative to root ('/'-separated), sizes, mtimes (ns)."""
     files, sizes, mtimes = [], [], []
+    prefix = os.path.join(root, '')
     for path in paths:
         try:
             st = os.stat(path)
         except OSError as e:
             raise UserError(f'cannot read image {path} ({e.strerror}): remove or replace it') from None
-        files.append(os.path.relpath(path, root).replace(os.sep, '/'))
+        name = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+        files.append(name.replace(os.sep, '/'))
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
     return {'files': files, 'bytes': sizes, 'mtime_ns': mtimes}

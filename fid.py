@@ -653,7 +653,9 @@ def _decoded_cache(files):
         name = ''.join(c if c.isalnum() or c in '._-' else '_' for c in os.path.basename(real)) or 'root'
         cache_dir = os.path.join(os.environ[DECODED_CACHE_ENV],
                                  f'{name}-{hashlib.sha1(real.encode()).hexdigest()[:12]}')
-    names = [os.path.relpath(f, root).replace(os.sep, '/') for f in files]
+    prefix = os.path.join(root, '')
+    names = [(f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, root)).replace(os.sep, '/')
+             for f in files]
     for meta_path in sorted(glob.glob(os.path.join(glob.escape(cache_dir), '*px-rgb.json'))):
         try:
             with open(meta_path) as f:
