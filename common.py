@@ -568,10 +568,11 @@ def build_folder_cache(root, cache_dir, key, paths, listing, img_size, mode, wor
         if is_main:
             print(f'decoded {n:,} images in {time.time() - start:.1f} s', flush=True)
     except OSError as e:
-        what = 'not enough disk space' if e.errno in (errno.ENOSPC, errno.EDQUOT) else 'cannot write'
-        raise UserError(f'{what} for the decoded image cache ({human_bytes(nbytes)}) in {cache_dir} '
-                        f'({e.strerror or type(e).__name__}): free space or make it writable, or set '
-                        f'{CACHE_DIR_ENV}=DIR to keep caches elsewhere') from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        what, fix = ('not enough disk space for', 'free space there') if full else ('cannot write', 'make it writable')
+        raise UserError(f'{what} the decoded image cache ({human_bytes(nbytes)}) in {cache_dir} '
+                        f'({e.strerror or type(e).__name__}): {fix}, or set {CACHE_DIR_ENV}=DIR to keep '
+                        f'caches elsewhere') from None
     finally:
         if not done:
             for path in (partial, meta_partial, os.path.join(cache_dir, array_name)):
