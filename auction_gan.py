@@ -236,7 +236,7 @@ def main():
     def draw_auction():
         """Noise for the N lots, and the auxiliary step's real batch X (m = L samples)."""
         lots_z = torch.randn(N, L, args.latent_dim, device=run.device)
-        real_aux, _ = data.batch(torch.randint(len(data), (L,), device=data.x.device))
+        real_aux, _ = data.batch(torch.randint(len(data), (L,), device=data.device))
         return lots_z, real_aux
 
     def auction(lots_z, real_aux):

@@ -163,7 +163,11 @@ STACKED_SIZE = {'stacked-digits': 20000, 'stacked-mnist': 60000}
 
 @dataclass
 class Data:
-    """A whole data set in memory: uint8 images (N, C, H, W) or float 2-D points (N, 2)."""
+    """A whole data set: uint8 images (N, C, H, W) or float 2-D points (N, 2).
+
+    In memory on the training device, or (an image folder above the in-memory limit, see
+    in_memory_limit) memory-mapped on the host from its decoded cache, `on` naming the device
+    each batch is copied to; `device` is the training device either way."""
     name: str
     x: torch.Tensor
     y: torch.Tensor = None          # int64 labels (N,), or None
@@ -171,6 +175,8 @@ class Data:
     centres: torch.Tensor = None    # 2-D sets: mode centres (M, 2)
     std: float = 0.0                # 2-D sets: std of each Gaussian
     flip: bool = False              # random horizontal flips per batch
+    mapped: bool = False            # x is a memory map of a decoded image folder (folder_cache)
+    on: torch.device = None         # x stays mapped on the host; batches are copied to this device
 
     def __len__(self):
         return len(self.x)
@@ -184,19 +190,59 @@ class Data:
         """Shape of one sample: (C, H, W) or (2,)."""
         return tuple(self.x.shape[1:])
 
+    @property
+    def device(self):
+        """The device batches are on."""
+        return self.x.device if self.on is None else self.on
+
+    @property
+    def streamed(self):
+        """True when x stays memory-mapped on the host and each batch is gathered there."""
+        return self.on is not None
+
+    def gather(self, index):
+        """The rows at `index` as stored (uint8 images), on x's device: on the host when streamed,
+        in pinned memory when they go on to a GPU (then copied with non_blocking)."""
+        if self.streamed and torch.is_tensor(index):
+            index = index.cpu()
+            if self.on.type == 'cuda':
+                rows = torch.empty((len(index), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=True)
+                return torch.index_select(self.x, 0, index, out=rows)
+        return self.x[index]
+
     def batch(self, index, augment=True):
         """Samples at `index` as float in [-1, 1] (images) and their labels (or None); random
         horizontal flips with --flip unless augment=False (reference statistics)."""
-        x = self.x[index]
+        return self.finish(self.gather(index), index, augment)
+
+    def finish(self, x, index, augment=True):
+        """batch() after gather(): rows on the device, as floats, flipped; the labels."""
+        x = x.to(self.device, non_blocking=True)   # streamed rows; in memory they are there
         if x.dtype == torch.uint8:
             x = x.float().div_(127.5).sub_(1.0)
             if self.flip and augment:
                 flip = torch.rand(len(x), device=x.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x, (None if self.y is None else self.y[index])
+        if self.y is None:
+            return x, None
+        return x, self.y[index.to(self.y.device) if torch.is_tensor(index) else index]
 
     def to(self, device):
+        """On `device`. A memory-mapped folder is copied there (into private memory on the CPU)
+        when it fits in_memory_limit, else it stays mapped and batches are copied one at a time."""
+        device = torch.device(device)
         move = lambda t: None if t is None else t.to(device)
+        if self.mapped:
+            limit, why = in_memory_limit(device)
+            if self.x.nbytes > limit:
+                if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+                    print(f'{self.name}: {human_bytes(self.x.nbytes)} of images, above the in-memory limit of '
+                          f'{human_bytes(limit)} ({why}): each batch is gathered from the memory-mapped cache '
+                          f'and copied to {device}', flush=True)
+                return Data(self.name, self.x, move(self.y), self.n_classes, move(self.centres), self.std,
+                            self.flip, mapped=True, on=device)
+            x = self.x.clone() if device.type == 'cpu' else self.x.to(device)
+            return Data(self.name, x, move(self.y), self.n_classes, move(self.centres), self.std, self.flip)
         return Data(self.name, move(self.x), move(self.y), self.n_classes, move(self.centres),
                     self.std, self.flip)
 
@@ -258,10 +304,29 @@ def load_torchvision(name, data_root):
     return images.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()
 
 
-def load_folder(root, img_size, channels, subset=0):
-    """Every image under `root` (recursive; the first `subset` in sorted order when given), upright
-    by its EXIF orientation, center-cropped to square, resized: uint8 (N, C, S, S)."""
-    from PIL import Image, ImageOps
+# ---- image folders: decoded once into a memory-mapped cache ------------------------------------
+#
+# The first load of a folder at a size and channel mode decodes every image in worker processes
+# into <cache dir>/<S>px-<rgb|grey>[-first<N>].<token>.npy, one uint8 array (N, C, S, S), and
+# writes <S>px-<rgb|grey>[-first<N>].json beside it: the array's name and shape, the sorted file
+# list with each file's size and mtime, the Pillow version and the decoder version. Both are
+# written under temporary names and renamed, the .json last, so a killed or failed build leaves no
+# cache that looks whole. Later loads (and the other DDP ranks) open the array memory-mapped when
+# the .json still describes the folder's files; any change decodes the folder again. The cache
+# dir is <folder>/.decoded, or $GAN_DATA_CACHE/<folder name>-<hash of its path> for folders that
+# cannot be written. fid.py reads the same files (its _decoded_cache).
+
+FOLDER_CACHE_FORMAT = 1       # the .json layout
+FOLDER_DECODER_VERSION = 1    # bump when decode_image changes what it gives: older caches are rebuilt
+CACHE_DIR_ENV = 'GAN_DATA_CACHE'             # caches of every folder under this directory instead
+IN_MEMORY_ENV = 'GAN_DATA_IN_MEMORY_MAX'     # bytes (suffix K, M, G or T), overrides the limit below
+DECODE_WORKERS_ENV = 'GAN_DECODE_WORKERS'    # decoding processes (default: the CPUs this process may use)
+IN_MEMORY_FRACTION = 0.25     # a folder bigger than this share of the device's memory stays mapped
+ORIENTATION_TAG = 0x0112      # EXIF orientation; 2..8 rotate or flip the image
+
+
+def list_folder(root):
+    """Every image file under `root` (recursive, hidden files and folders skipped), sorted."""
     if not os.path.isdir(root):
         raise UserError(f'image folder {root} does not exist: pass --data_root DIR with your images')
     paths = sorted(p for p in glob.glob(os.path.join(root, '**', '*'), recursive=True)
@@ -269,21 +334,360 @@ def load_folder(root, img_size, channels, subset=0):
     if not paths:
         raise UserError(f'no images under {root} (looked for {" ".join(IMAGE_EXTENSIONS)}): '
                         f'pass --data_root DIR with your images')
-    paths = paths[:subset] if subset else paths   # decode only what --subset keeps
-    mode = 'L' if channels == 1 else 'RGB'
-    images = []
+    return paths
+
+
+def decode_image(path, img_size, mode):
+    """One image as the folder sets read it: upright by its EXIF orientation, center-cropped to
+    square, resized (PIL bicubic): uint8 (S, S, C). Also whether those pixels are exactly PIL's
+    convert(mode) of the file (already S x S, no EXIF rotation): what fid.py reads from it."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        im.load()
+        as_is = im.size == (img_size, img_size) and im.getexif().get(ORIENTATION_TAG, 1) not in range(2, 9)
+        im = ImageOps.exif_transpose(im).convert(mode)   # camera photos: upright
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+        im = im.resize((img_size, img_size), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).reshape(img_size, img_size, -1), as_is
+
+
+def _decode_rows(job):
+    """Decode `paths` into rows start.. of the .npy at `array_path` (a worker process's share).
+    Returns (images done, whether all were as-is, the error line of the first unreadable one)."""
+    array_path, start, paths, img_size, mode = job
+    rows = np.load(array_path, mmap_mode='r+')
+    all_as_is = True
+    try:
+        for i, path in enumerate(paths):
+            try:
+                image, as_is = decode_image(path, img_size, mode)
+            except Exception as e:
+                return i, all_as_is, f'cannot read image {path} ({type(e).__name__}): remove or replace it'
+            rows[start + i] = image.transpose(2, 0, 1)
+            all_as_is &= as_is
+        rows.flush()
+    finally:
+        del rows
+    return len(paths), all_as_is, None
+
+
+def _decode_worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops the pool on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the training run's stop handler
+
+
+def decode_workers(workers=None):
+    """Decoding processes: `workers`, else $GAN_DECODE_WORKERS, else the CPUs this process may use."""
+    if workers is None:
+        text = os.environ.get(DECODE_WORKERS_ENV, '')
+        try:
+            workers = int(text) if text else len(os.sched_getaffinity(0))
+        except ValueError:
+            raise UserError(f'{DECODE_WORKERS_ENV}={text!r}: expected a number of processes') from None
+        except AttributeError:   # no sched_getaffinity (macOS)
+            workers = os.cpu_count() or 1
+    return max(1, int(workers))
+
+
+def folder_cache_dir(root):
+    """Where the caches of `root` live: <root>/.decoded, or $GAN_DATA_CACHE/<name>-<path hash>."""
+    base = os.environ.get(CACHE_DIR_ENV)
+    if not base:
+        return os.path.join(root, '.decoded')
+    import hashlib
+    real = os.path.realpath(root)
+    name = ''.join(c if c.isalnum() or c in '._-' else '_' for c in os.path.basename(real)) or 'root'
+    return os.path.join(base, f'{name}-{hashlib.sha1(real.encode()).hexdigest()[:12]}')
+
+
+def file_listing(root, paths):
+    """What a cache must match: the files relative to root ('/'-separated), sizes, mtimes (ns)."""
+    files, sizes, mtimes = [], [], []
+    prefix = os.path.join(root, '')
     for path in paths:
         try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert(mode)   # camera photos: upright
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side))
-                im = im.resize((img_size, img_size), Image.Resampling.BICUBIC)
-                images.append(np.asarray(im, dtype=np.uint8).reshape(img_size, img_size, -1))
-        except Exception as e:
-            raise UserError(f'cannot read image {path} ({type(e).__name__}): remove or replace it')
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+            st = os.stat(path)
+        except OSError as e:
+            raise UserError(f'cannot read image {path} ({e.strerror}): remove or replace it') from None
+        name = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+        files.append(name.replace(os.sep, '/'))
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    return {'files': files, 'bytes': sizes, 'mtime_ns': mtimes}
+
+
+def cache_key(img_size, mode, n=None):
+    return f'{img_size}px-{"grey" if mode == "L" else "rgb"}' + (f'-first{n}' if n else '')
+
+
+def pillow_version():
+    import PIL
+    return PIL.__version__
+
+
+def open_folder_cache(cache_dir, key, listing, img_size, mode, prefix=False):
+    """The cached array (N, C, S, S), memory-mapped copy-on-write (never written back), when
+    <key>.json describes these files (its first ones when `prefix`: a --subset of a cached
+    folder); else None."""
+    try:
+        with open(os.path.join(cache_dir, f'{key}.json')) as f:
+            meta = json.load(f)
+        n = len(listing['files'])
+        same = (meta['format'] == FOLDER_CACHE_FORMAT and meta['decoder'] == FOLDER_DECODER_VERSION
+                and meta['pillow'] == pillow_version() and meta['size'] == img_size and meta['mode'] == mode
+                and (len(meta['files']) >= n if prefix else len(meta['files']) == n)
+                and all(meta[k][:n] == listing[k] for k in ('files', 'bytes', 'mtime_ns')))
+        if not same:
+            return None
+        rows = np.load(os.path.join(cache_dir, meta['array']), mmap_mode='c')
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # absent, half there or unreadable: decoded again
+    channels = 1 if mode == 'L' else 3
+    if rows.dtype != np.uint8 or rows.shape != (len(meta['files']), channels, img_size, img_size):
+        return None
+    return rows[:n]
+
+
+def human_bytes(n):
+    return (f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB' if n >= 2**20
+            else f'{n / 2**10:.1f} KiB')
+
+
+def _host():
+    return ''.join(c if c.isalnum() else '-' for c in socket.gethostname())[:40] or 'host'
+
+
+def _token():
+    """A build's own name part: host, process id, random (remove_stale_partials reads it)."""
+    return f'{_host()}-p{os.getpid()}-{os.urandom(4).hex()}'
+
+
+def remove_stale_partials(cache_dir):
+    """Temporary files of builds on this host whose process is gone (killed while writing)."""
+    import re
+    host = _host()
+    for path in glob.glob(os.path.join(cache_dir, '*.partial')):
+        m = re.search(r'\.(?P<host>[A-Za-z0-9-]+)-p(?P<pid>\d+)-[0-9a-f]{8}\.', os.path.basename(path))
+        if not m or m['host'] != host:
+            continue
+        try:
+            os.kill(int(m['pid']), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        except OSError:
+            pass   # alive, another user's
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (getattr(os, 'O_DIRECTORY', 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def build_folder_cache(root, cache_dir, key, paths, listing, img_size, mode, workers=None):
+    """Decode `paths` into a new cache `key` under cache_dir (in `workers` processes) and
+    return it memory-mapped; the .json is renamed into place last. A corrupt image, a full disk
+    or an unwritable cache dir is one UserError and leaves no cache behind."""
+    import errno
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    n, channels = len(paths), 1 if mode == 'L' else 3
+    nbytes = n * channels * img_size * img_size
+    token = _token()
+    array_name = f'{key}.{token}.npy'
+    partial = os.path.join(cache_dir, f'{array_name}.partial')
+    meta_partial = os.path.join(cache_dir, f'{key}.json.{token}.partial')
+    workers = min(decode_workers(workers), -(-n // 8))   # a process per 8 images at least
+    chunk = max(1, min(256, -(-n // (workers * 8))))
+    jobs = [(partial, s, paths[s:s + chunk], img_size, mode) for s in range(0, n, chunk)]
+    is_main = not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+    done = False
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        remove_stale_partials(cache_dir)
+        rows = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(n, channels, img_size, img_size))
+        offset = rows.offset
+        del rows
+        fd = os.open(partial, os.O_RDWR)
+        try:   # claim the space now: a full disk is an error here, not a SIGBUS while writing
+            os.posix_fallocate(fd, 0, offset + nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        except AttributeError:
+            pass   # no posix_fallocate (macOS)
+        finally:
+            os.close(fd)
+        if is_main:
+            print(f'decoding {n:,} images under {root} at {img_size}px ({human_bytes(nbytes)}) into '
+                  f'{cache_dir} with {workers} process(es), once', flush=True)
+        start, all_as_is, error, reported, decoded = time.time(), True, None, 0, 0
+        pool = None
+        if workers > 1:
+            import multiprocessing
+            method = 'fork' if sys.platform.startswith('linux') else 'spawn'
+            pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_decode_worker_init)
+        try:
+            results = pool.map(_decode_rows, jobs) if pool else map(_decode_rows, jobs)
+            for count, as_is, error in results:   # in order: the first unreadable file is named
+                if error:
+                    break
+                decoded, all_as_is = decoded + count, all_as_is and as_is
+                if is_main and time.time() - start > 60 * (reported + 1):
+                    reported += 1
+                    left = (time.time() - start) * (n - decoded) / decoded
+                    print(f'decoded {decoded:,} of {n:,} images, about {format_eta(left)} left', flush=True)
+        except BrokenProcessPool:
+            raise UserError(f'a decoding process died after {decoded:,} of {n:,} images (out of memory?): '
+                            f'set {DECODE_WORKERS_ENV} lower') from None
+        finally:
+            if pool:   # the chunks in flight finish, the others are dropped
+                pool.shutdown(wait=True, cancel_futures=True)
+        if error:
+            raise UserError(error)
+        _fsync(partial)
+        os.replace(partial, os.path.join(cache_dir, array_name))
+        meta = {'format': FOLDER_CACHE_FORMAT, 'decoder': FOLDER_DECODER_VERSION, 'pillow': pillow_version(),
+                'root': os.path.abspath(root), 'size': img_size, 'mode': mode, 'array': array_name,
+                'shape': [n, channels, img_size, img_size], 'as_is': bool(all_as_is), **listing}
+        with open(meta_partial, 'w') as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(meta_partial, os.path.join(cache_dir, f'{key}.json'))
+        _fsync(cache_dir, directory=True)
+        done = True
+        if is_main:
+            print(f'decoded {n:,} images in {time.time() - start:.1f} s', flush=True)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        what, fix = ('not enough disk space for', 'free space there') if full else ('cannot write', 'make it writable')
+        raise UserError(f'{what} the decoded image cache ({human_bytes(nbytes)}) in {cache_dir} '
+                        f'({e.strerror or type(e).__name__}): {fix}, or set {CACHE_DIR_ENV}=DIR to keep '
+                        f'caches elsewhere') from None
+    finally:
+        if not done:
+            for path in (partial, meta_partial, os.path.join(cache_dir, array_name)):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+    for old in glob.glob(os.path.join(cache_dir, f'{glob.escape(key)}.*.npy')):
+        if os.path.basename(old) != array_name:   # the arrays of older caches of this key
+            with contextlib.suppress(OSError):
+                os.remove(old)
+    return open_folder_cache(cache_dir, key, listing, img_size, mode)
+
+
+def _patient_group():
+    """A gloo group whose collectives wait a week: the other ranks wait in it while rank 0
+    decodes a folder (hours for a big one; the default group's timeout is 10 to 30 minutes)."""
+    import datetime
+    global _PATIENT_GROUP
+    if _PATIENT_GROUP is None or _PATIENT_GROUP[0] is not dist.group.WORLD:
+        _PATIENT_GROUP = (dist.group.WORLD, dist.new_group(backend='gloo', timeout=datetime.timedelta(days=7)))
+    return _PATIENT_GROUP[1]
+
+
+_PATIENT_GROUP = None
+
+
+def rank_zero_builds(build):
+    """build() on rank 0 first; the other ranks wait for it (however long it takes) and then run
+    build() themselves, which finds what rank 0 wrote, or raise the UserError rank 0 raised."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return build()
+    group = _patient_group()
+    if dist.get_rank() == 0:
+        status = ['rank 0 could not build the decoded image cache: see its error']
+        try:
+            result = build()
+            status = [None]
+        except UserError as e:
+            status = [str(e)]
+            raise
+        finally:
+            dist.broadcast_object_list(status, src=0, group=group)
+        return result
+    status = [None]
+    dist.broadcast_object_list(status, src=0, group=group)
+    if status[0] is not None:
+        raise UserError(status[0])
+    return build()
+
+
+def folder_cache(root, paths, complete, img_size, mode, workers=None):
+    """The decoded cache of these files of root (all of them when `complete`, else the first
+    len(paths) for --subset), memory-mapped: built on first use (rank 0 under DDP)."""
+    cache_dir = folder_cache_dir(root)
+    listing = file_listing(root, paths)
+    key = cache_key(img_size, mode, None if complete else len(paths))
+
+    def build():
+        rows = open_folder_cache(cache_dir, cache_key(img_size, mode), listing, img_size, mode,
+                                 prefix=not complete)   # a --subset reads a complete cache's first rows
+        if rows is None and not complete:
+            rows = open_folder_cache(cache_dir, key, listing, img_size, mode)
+        if rows is None:
+            rows = build_folder_cache(root, cache_dir, key, paths, listing, img_size, mode, workers)
+        if rows is None:
+            raise UserError(f'the decoded image cache in {cache_dir} changed while it was opened: '
+                            f'is another job rebuilding it? start again')
+        return rows
+    return rank_zero_builds(build)
+
+
+def load_folder(root, img_size, channels, subset=0, workers=None):
+    """Every image under `root` (recursive; the first `subset` in sorted order when given), upright
+    by its EXIF orientation, center-cropped to square, resized: uint8 (N, C, S, S), memory-mapped
+    from the folder's decoded cache (folder_cache; decoded in `workers` processes on first use)."""
+    paths = list_folder(root)
+    keep = paths[:subset] if subset else paths   # decode only what --subset keeps
+    mode = 'L' if channels == 1 else 'RGB'
+    rows = folder_cache(root, keep, len(keep) == len(paths), img_size, mode, workers)
+    return torch.from_numpy(rows)
+
+
+def parse_bytes(text):
+    """'123', '512M', '4G', '1.5TiB' -> bytes (binary units)."""
+    import re
+    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*', text, re.IGNORECASE)
+    if not m:
+        raise UserError(f'{IN_MEMORY_ENV}={text!r}: expected bytes, e.g. 0, 512M or 4G')
+    return int(float(m[1]) * 1024 ** ' KMGT'.index(m[2].upper() or ' '))
+
+
+def host_memory():
+    """Bytes of RAM this process may use: the machine's, or its cgroup's limit when lower."""
+    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    for path in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                total = min(total, int(f.read().strip()))
+    return total
+
+
+def in_memory_limit(device):
+    """(bytes, why): the largest decoded image folder kept whole in `device`'s memory; a bigger
+    one stays memory-mapped on the host and is copied a batch at a time. A quarter of the GPU's
+    memory, or on the CPU a quarter of host memory split between the local DDP processes (each
+    holds a copy); $GAN_DATA_IN_MEMORY_MAX overrides it (0: always memory-mapped)."""
+    text = os.environ.get(IN_MEMORY_ENV)
+    if text:
+        return parse_bytes(text), f'{IN_MEMORY_ENV}={text}'
+    if device.type == 'cuda':
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(IN_MEMORY_FRACTION * total), f'a quarter of the memory of {device}; {IN_MEMORY_ENV} sets it'
+    local = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    shared = f' shared by {local} processes' if local > 1 else ''
+    return (int(IN_MEMORY_FRACTION * host_memory() / local),
+            f'a quarter of host memory{shared}; {IN_MEMORY_ENV} sets it')
 
 
 def stack_three(images, labels, n, seed=1234):
@@ -304,8 +708,9 @@ def toy_centres(name):
 
 
 def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_toy=100_000,
-              seed=1234):
-    """Load a data set by name (DATASETS) into memory (CPU); `.to(device)` moves it."""
+              seed=1234, decode_workers=None):
+    """Load a data set by name (DATASETS) on the CPU, image folders memory-mapped from their
+    decoded cache (folder_cache); `.to(device)` moves it (Data.to)."""
     if name not in DATASETS:
         raise UserError(f'unknown data set {name!r}: choose one of {", ".join(DATASETS)}')
     if name in TOY_SETS:
@@ -321,7 +726,7 @@ def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_
     if name in ('digits', 'stacked-digits'):
         images, labels = load_digits()
     elif name in ('folder', 'celeba'):
-        images, labels, n_classes = load_folder(data_root, img_size, channels, subset), None, 0
+        images, labels, n_classes = load_folder(data_root, img_size, channels, subset, decode_workers), None, 0
     else:
         with rank_zero_first():  # under DDP rank 0 downloads, then the others read its files
             images, labels = load_torchvision('mnist' if name == 'stacked-mnist' else name, data_root)
@@ -331,11 +736,13 @@ def load_data(name, data_root='./data', img_size=32, channels=None, subset=0, n_
     if subset:
         images, labels = images[:subset], (None if labels is None else labels[:subset])
     images = set_channels(resize_uint8(images, img_size), channels)
-    return Data(name, images.contiguous(), labels, n_classes)
+    return Data(name, images.contiguous(), labels, n_classes, mapped=name in ('folder', 'celeba'))
 
 
 class Batches:
-    """Shuffled mini-batches of an in-memory data set, drawn by indexing on its device.
+    """Shuffled mini-batches of a data set, drawn by indexing: on its device when it is in memory,
+    else gathered from the memory-mapped host copy and copied to the device (on a GPU the next
+    batch is gathered into pinned memory while the current one trains).
 
     Batch b of epoch e is a pure function of (seed, e, b, rank): resuming needs no loader
     state, and each DDP rank takes its own slice of the same permutation.
@@ -348,17 +755,42 @@ class Batches:
         if self.per_epoch == 0:
             raise UserError(f'--batch_size {batch_size} x {world_size} process(es) is more than the '
                             f'{len(data)} samples of {data.name}: lower --batch_size')
-        self.epoch, self.order = None, None
+        self.orders = {}   # epoch -> permutation, on the device of data.x (the current, the next)
+        self.prefetch = data.streamed and data.device.type == 'cuda'
+        self.pending, self.thread = None, None   # (iteration, its rows being gathered), the gatherer
+
+    def order(self, epoch):
+        if epoch not in self.orders:
+            while len(self.orders) > 1:
+                del self.orders[min(self.orders)]
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.orders[epoch] = torch.randperm(len(self.data), generator=g).to(self.data.x.device)
+        return self.orders[epoch]
+
+    def index(self, iteration):
+        """The sample indices of global iteration `iteration` on this rank."""
+        epoch, b = divmod(iteration, self.per_epoch)
+        start = (b * self.world_size + self.rank) * self.batch_size
+        return self.order(epoch)[start:start + self.batch_size]
 
     def get(self, iteration):
         """(x, y) for global iteration `iteration` (one batch per iteration)."""
-        epoch, b = divmod(iteration, self.per_epoch)
-        if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.order = torch.randperm(len(self.data), generator=g).to(self.data.x.device)
-            self.epoch = epoch
-        start = (b * self.world_size + self.rank) * self.batch_size
-        return self.data.batch(self.order[start:start + self.batch_size])
+        index = self.index(iteration)
+        if not self.prefetch:
+            return self.data.batch(index)
+        if self.pending is not None and self.pending[0] == iteration:
+            rows = self.pending[1].result()
+        else:
+            rows = self.data.gather(index)
+        if self.thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix='batch-prefetch')
+        self.pending = (iteration + 1, self.thread.submit(self.gather_in_thread, self.index(iteration + 1)))
+        return self.data.finish(rows, index)
+
+    def gather_in_thread(self, index):
+        torch.cuda.set_device(self.data.device)   # pinned memory here, not a context on GPU 0
+        return self.data.gather(index)
 
 
 # ----------------------------------------------------------------------------

@@ -668,17 +668,67 @@ def statistics_from_generator(sample_fn, n_samples, model, batch_size=50):
 
 # --- image folders ---------------------------------------------------------
 
+DECODED_CACHE_ENV = 'GAN_DATA_CACHE'   # as in common.py: where the training scripts keep folder caches
+
+
+class _FolderFiles(list):
+    """list_images' result: the sorted files, and the folder they were listed from."""
+    root = None
+
+
 def list_images(path):
     """Every image under `path` (recursive), sorted."""
     if not os.path.isdir(path):
         raise FIDError(f'{path}: no such folder or .npz file')
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path)
-                   for f in names
-                   if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS)
+    files = _FolderFiles(sorted(os.path.join(root, f) for root, _, names in os.walk(path)
+                                for f in names
+                                if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS))
     if len(files) < 2:
         raise FIDError(f'{path}: found {len(files)} image(s), need at least 2 '
                        f'(extensions: {", ".join(sorted(IMAGE_EXTENSIONS))})')
+    files.root = path
     return files
+
+
+def _decoded_cache(files):
+    """The training scripts' decoded cache of the folder `files` was listed from (common.py's
+    folder_cache: <folder>/.decoded/<S>px-rgb.json and the .npy it names, or the folder's
+    directory under $GAN_DATA_CACHE), memory-mapped as uint8 (N, 3, S, S), when it holds
+    exactly the pixels _ImageFiles reads: every image was already S x S with no EXIF rotation
+    ('as_is'), RGB, the same files with the same sizes and mtimes, the same Pillow. Else None:
+    a cache of larger images holds crops resized to the training size, not what FID reads."""
+    import glob
+    import json
+    from PIL import __version__ as pillow
+    root = getattr(files, 'root', None)
+    if root is None:
+        return None
+    cache_dir = os.path.join(root, '.decoded')
+    if os.environ.get(DECODED_CACHE_ENV):
+        real = os.path.realpath(root)
+        name = ''.join(c if c.isalnum() or c in '._-' else '_' for c in os.path.basename(real)) or 'root'
+        cache_dir = os.path.join(os.environ[DECODED_CACHE_ENV],
+                                 f'{name}-{hashlib.sha1(real.encode()).hexdigest()[:12]}')
+    prefix = os.path.join(root, '')
+    names = [(f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, root)).replace(os.sep, '/')
+             for f in files]
+    for meta_path in sorted(glob.glob(os.path.join(glob.escape(cache_dir), '*px-rgb.json'))):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if not (meta['format'] == 1 and meta['decoder'] == 1 and meta['as_is'] and meta['mode'] == 'RGB'
+                    and meta['pillow'] == pillow and meta['files'] == names):
+                continue
+            stats = [os.stat(f) for f in files]
+            if (meta['bytes'] != [s.st_size for s in stats]
+                    or meta['mtime_ns'] != [s.st_mtime_ns for s in stats]):
+                continue
+            rows = np.load(os.path.join(cache_dir, meta['array']), mmap_mode='r')
+            if rows.dtype == np.uint8 and rows.shape == (len(files), 3, meta['size'], meta['size']):
+                return rows
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -706,12 +756,22 @@ def extract_folder(path, model, batch_size=50, num_workers=0,
     """dict(mu, sigma[, features][, logits]) of the images under `path` (or
     of a list of image files), read exactly as pytorch-fid reads them: PIL
     RGB, /255, resized in [0, 1], then mapped to [-1, 1]. Sharded like
-    extract_images; `progress` as there."""
+    extract_images; `progress` as there. A folder the training scripts have
+    decoded at its own image size is read from their cache (_decoded_cache):
+    the same pixels."""
     rank, world = _dist()
     files = path if isinstance(path, list) else list_images(path)
     ex = _Extractor(model, features, logits, len(files[rank::world]),
                     os.path.basename(os.path.normpath(path)) if isinstance(path, str) else 'images',
                     progress)
+    cached = _decoded_cache(files)
+    if cached is not None:   # the pixels _ImageFiles would give, decoded once already
+        shard = cached[rank::world]
+        for i in range(0, len(shard), batch_size):
+            x = torch.from_numpy(np.array(shard[i:i + batch_size]))
+            ex.add(x.to(torch.float32).div(255), zero_one=True)
+        ex.close()
+        return ex.result()
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files[rank::world]), batch_size=batch_size,
         num_workers=num_workers, collate_fn=list)
