@@ -2,10 +2,10 @@
 
 Sections, top to bottom:
   1. Errors       UserError and the one-line error path
-  2. Data         the data sets (README, Data sets), in memory, batched by indexing
+  2. Data         the data sets (docs/datasets.md): in memory or memory-mapped, batched by indexing
   3. Networks     MLP and Radford DCGAN nets; K generators (or critics) run as one module
   4. Run plumbing flags, device, seeding, AMP, DDP, checkpoints, logging, outputs
-  5. Metrics      2-D mode coverage, the digit classifier, fd_digits, stacked modes
+  5. Metrics      mode coverage, the digit classifier, fd_digits, per-generator figures, overlap
 """
 import argparse
 import contextlib
@@ -986,7 +986,7 @@ class DCGANDiscriminator(nn.Module):
 # ----------------------------------------------------------------------------
 
 def base_parser(description, dataset='digits'):
-    """The flags every script shares (README, Flags). Scripts add their own and set_defaults."""
+    """The flags every script shares (README: Flags every script shares). Scripts add their own."""
     p = Parser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
     a('--dataset', default=dataset, choices=DATASETS, help='data set: digits is embedded (offline); ring8/grid25 are 2-D')

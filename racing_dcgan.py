@@ -29,7 +29,7 @@ parser.add_argument('--race_weight', type=common.non_negative_float, default=1.0
 parser.add_argument('--ngf', type=common.positive_int, default=64, help='generator width (channels of its last hidden layer)')
 parser.add_argument('--ndf', type=common.positive_int, default=64, help='discriminator width (channels of its first conv)')
 parser.add_argument('--joint_fake_bn', action='store_true',
-                    help='show D the K fake batches as one batch: shared batch-norm statistics (see README)')
+                    help='show D the K fake batches as one batch: shared batch-norm statistics (see docs/racing_dcgan.md)')
 parser.set_defaults(img_size=32, n_epochs=20, sample_interval=200, log_interval=50)
 
 
