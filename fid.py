@@ -14,8 +14,10 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -902,21 +904,26 @@ class _Points:
 
     STEP = 256                                      # rows converted at a time
 
-    def __init__(self, x, center, what):
+    def __init__(self, x, center, what, workers):
         self.x, self.n, self.d = x, x.shape[0], x.shape[1]
+        self.workers = workers
         self.f32 = x.dtype == torch.float32
         self.center = center
         self.width = -(-(self.d + 2) // 16) * 16          # zero columns: aligned
         self.pad = -(-self.n // 64) * 64
-        left = x.new_zeros((self.pad, self.width), dtype=torch.float32)
+        left = x.new_empty((self.pad, self.width), dtype=torch.float32)
+        left[:, self.d:] = 0
+        left[self.n:] = 0
         self.sq = torch.empty(self.n, dtype=torch.float64, device=x.device)
-        for s in range(0, self.n, self.STEP):         # small steps: in cache
+
+        def move(s):                                  # small steps: in cache
             part = left[s:s + self.STEP, :self.d][:self.n - s]
             if self.f32:
                 torch.sub(x[s:s + self.STEP], center, out=part)
             else:
                 part.copy_(x[s:s + self.STEP].double() - center.double())
             self.sq[s:s + self.STEP] = part.double().pow_(2).sum(1)
+        _pool_map(move, range(0, self.n, self.STEP), workers)
         if not bool(torch.isfinite(self.sq).all()):
             raise FIDError(f'{what} features contain NaN or inf')
         self.sqmax = float(self.sq.max())
@@ -936,7 +943,9 @@ class _Points:
         """Built from left (which must still be there): -2 x is exact."""
         if 'right' not in self.cache:
             left, n, d = self.cache['left'], self.n, self.d
-            right = left * -2
+            right = torch.empty_like(left)
+            _pool_map(lambda s: torch.mul(left[s:s + self.STEP], -2, out=right[s:s + self.STEP]),
+                      range(0, self.pad, self.STEP), self.workers)
             right[:n, d], right[:n, d + 1] = 1, left[:n, d]
             right[n:, d], right[n:, d + 1] = 0, _BIG
             self.cache['right'] = right
@@ -970,6 +979,7 @@ class _Nearest:
         self.idx = torch.zeros((pad, kk), dtype=torch.long, device=dev)
         self.tau = torch.full((pad,), float('inf'), device=dev)
         self.tau[n:] = float('-inf')
+        self.lock = threading.Lock()        # offers come from several threads
 
     def bound(self, smallest, rows):
         """tau from the sorted smallest values of some rows."""
@@ -980,6 +990,10 @@ class _Nearest:
         kk smallest per row."""
         if len(r) == 0:
             return
+        with self.lock:
+            self._merge(r, c, v)
+
+    def _merge(self, r, c, v):
         kk, dev = self.kk, r.device
         rows, counts = torch.unique_consecutive(r, return_counts=True)
         group = torch.repeat_interleave(torch.arange(len(rows), device=dev), counts)
@@ -1006,7 +1020,7 @@ class _Nearest:
         their row's tau, found through gm, the minima over groups of g columns."""
         h, w = m.shape
         rows = slice(r0, r0 + h)
-        tau = self.tau[rows]
+        tau = self.tau[rows].clone()          # a bound even if an offer moves it meanwhile
         if not bool(torch.isfinite(tau).all()):
             tau = torch.minimum(tau, self._first_bound(gm, 1, rows))
         ri, gi = (gm <= tau[:, None]).nonzero(as_tuple=True)
@@ -1019,7 +1033,7 @@ class _Nearest:
         columns r0..), gm their minima over groups of g rows."""
         h, w = m.shape[0], m.shape[1] - off
         rows = slice(c0 + off, c0 + off + w)
-        tau = self.tau[rows]
+        tau = self.tau[rows].clone()
         if not bool(torch.isfinite(tau).all()):
             tau = torch.minimum(tau, self._first_bound(gm, 0, rows))
         cj, gi = (gm.T <= tau[:, None]).nonzero(as_tuple=True)      # by column
@@ -1029,19 +1043,22 @@ class _Nearest:
         self.offer(cj[pi] + c0 + off, rows[pi, pt] + r0, vals[pi, pt])
 
 
-def _block(left, right, r0, r1, c0, c1, buf, threads):
-    """left[r0:r1] . right[c0:c1]^T (approximate squared distances) into buf."""
-    with _threads(threads):
-        return torch.mm(left[r0:r1], right[c0:c1].T,
-                        out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+_BUFFERS = threading.local()
+
+
+def _block(left, right, r0, r1, c0, c1, size):
+    """left[r0:r1] . right[c0:c1]^T (approximate squared distances), in this
+    thread's buffer of `size` floats."""
+    buf = getattr(_BUFFERS, 'buf', None)
+    if buf is None or buf.numel() < size or buf.device != left.device:
+        buf = _BUFFERS.buf = left.new_empty(size)
+    return torch.mm(left[r0:r1], right[c0:c1].T,
+                    out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
 
 
 @contextmanager
 def _threads(n):
-    """torch on n CPU threads inside, restored after. prdc runs on one thread
-    but for its matmuls: the rest is many small or memory-bound ops, and on a
-    busy machine each op's parallel start-up (waiting for a descheduled
-    thread) costs milliseconds, several times the work."""
+    """torch on n CPU threads inside, restored after."""
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -1050,13 +1067,30 @@ def _threads(n):
         torch.set_num_threads(saved)
 
 
+def _pool_map(fn, items, workers):
+    """[fn(item) for item in items] on `workers` Python threads, each running
+    torch on one CPU thread. prdc spreads whole blocks (matmul and search)
+    over threads instead of splitting each op: most of its ops are small, and
+    a parallel op waits for its slowest thread, which on a busy machine costs
+    milliseconds per op (several times the work)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+
+    def run(x):
+        torch.set_num_threads(1)              # this thread's own OpenMP setting
+        return fn(x)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, items))
+
+
 def _shard(items):
     """This rank's share of the work items under torch.distributed."""
     rank, world = _dist()
     return items[rank::world]
 
 
-def _candidates(p, kk, k, chunk, threads):
+def _candidates(p, kk, k, chunk):
     """For every row of p, the kk smallest approximate squared distances to
     the rows of p (itself included) and their columns, sorted, as far as they
     matter (_Nearest; inf for those that do not). Only blocks
@@ -1069,17 +1103,19 @@ def _candidates(p, kk, k, chunk, threads):
     slack[:p.n] = _up32(2 * _row_bound(p))
     near = _Nearest(p.n, p.pad, kk, k + 1, slack)
     left, right = p.left(), p.right()
-    buf = left.new_empty(4 * chunk * chunk)
     tiles = [(r0, min(r0 + chunk, p.pad), c0, min(c0 + 4 * chunk, p.pad))
              for r0 in range(0, p.pad, chunk) for c0 in range(r0, p.pad, 4 * chunk)]
-    for r0, r1, c0, c1 in _shard(tiles):
-        m = _block(left, right, r0, r1, c0, c1, buf, threads)
+
+    def tile(t):
+        r0, r1, c0, c1 = t
+        m = _block(left, right, r0, r1, c0, c1, 4 * chunk * chunk)
         h, w = m.shape
         off = max(r1 - c0, 0)                   # columns inside the strip: rows only
         near.search_rows(m, m.view(h, w // _ROW_GROUP, _ROW_GROUP).amin(2), r0, c0, _ROW_GROUP)
         if off < w:
             near.search_cols(m, off, m[:, off:].view(h // _COL_GROUP, _COL_GROUP, w - off).amin(1),
                              r0, c0, _COL_GROUP)
+    _pool_map(tile, _shard(tiles), p.workers)
     vals, idx = near.vals, near.idx
     if _dist()[1] > 1:
         dev = _comm_device()
@@ -1093,7 +1129,7 @@ def _candidates(p, kk, k, chunk, threads):
     return vals[:p.n], idx[:p.n]
 
 
-def _exact_d2(x, y, i, j):
+def _exact_d2(x, y, i, j, workers=1):
     """|x_i - y_j|^2 for index pairs, in float64 from the differences (exact
     products of float32 values; relative error <= D * 2^-53), a few pairs at a
     time (numpy on a CPU: a third of torch's time for such small pieces)."""
@@ -1106,10 +1142,13 @@ def _exact_d2(x, y, i, j):
         return out
     xn, yn, i, j = x.numpy(), y.numpy(), i.numpy(), j.numpy()
     out = np.empty(len(i))
-    for s in range(0, len(i), 64):
-        d = xn[i[s:s + 64]].astype(np.float64)
-        d -= yn[j[s:s + 64]]
-        out[s:s + 64] = np.einsum('ij,ij->i', d, d)
+
+    def part(s0):
+        for s in range(s0, min(s0 + 4096, len(i)), 64):
+            d = xn[i[s:s + 64]].astype(np.float64)
+            d -= yn[j[s:s + 64]]
+            out[s:s + 64] = np.einsum('ij,ij->i', d, d)
+    _pool_map(part, range(0, len(i), 4096), workers)
     return torch.from_numpy(out)
 
 
@@ -1121,7 +1160,7 @@ def _as_reference(d2, f32):
     return np.sqrt(d2.astype(np.float32)) if f32 else np.sqrt(d2)
 
 
-def _radii(p, k, chunk, threads):
+def _radii(p, k, chunk):
     """Distance of every row of p to its k-th nearest neighbour in p, itself
     excluded: the (k+1)-th smallest distance with itself (0) included, as the
     reference takes it; rounded as the reference rounds (numpy array).
@@ -1133,10 +1172,10 @@ def _radii(p, k, chunk, threads):
     between, computed exactly. A row whose kept candidates may miss part of
     the band goes through _radii_dense."""
     kk = min(k + 1 + _EXTRA, p.n)
-    vals, idx = _candidates(p, kk, k, chunk, threads)
+    vals, idx = _candidates(p, kk, k, chunk)
     d2, rest = _band_kth(p, vals, idx, k)
     if len(rest):
-        d2[rest] = _radii_dense(p, rest, k, chunk, threads)
+        d2[rest] = _radii_dense(p, rest, k, chunk)
     return _as_reference(d2, p.f32)
 
 
@@ -1159,13 +1198,13 @@ def _band_kth(p, vals, idx, k):
     below = (vals < lo).sum(1)
     r, c = band.nonzero(as_tuple=True)
     exact = torch.full_like(vals, float('inf'))
-    exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c])
+    exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c], p.workers)
     pick = (k - below).clamp(0, kk - 1)[:, None]
     d2 = exact.sort(1).values.gather(1, pick)[:, 0]
     return d2, (~complete).nonzero()[:, 0]
 
 
-def _radii_dense(p, rows, k, chunk, threads):
+def _radii_dense(p, rows, k, chunk):
     """_radii for rows whose band did not fit among the candidates (many points
     at nearly the same distance: duplicates, tight clusters): all their
     distances in float64 (moved by the center; matmul error <= c64 (|x_i|^2 +
@@ -1181,7 +1220,7 @@ def _radii_dense(p, rows, k, chunk, threads):
     step = max(1, chunk * chunk // max(1, p.n))
     for s in range(0, len(rows), step):
         rs = rows[s:s + step]
-        with _threads(threads):
+        with _threads(p.workers):
             d2 = x64[rs] @ x64.T
         d2 = sq[rs, None] + sq[None, :] - 2 * d2
         e = (c64 * (sq[rs] + sq.max()) + _TINY)[:, None]
@@ -1221,9 +1260,14 @@ class _Tally:
     def __init__(self, n_real, n_fake, device):
         self.counts = torch.zeros(1 + n_fake + 2 * n_real, dtype=torch.long, device=device)
         self.n_real, self.n_fake = n_real, n_fake
+        self.lock = threading.Lock()
 
     def add(self, i, j, in_real, in_fake):
         """Pairs (real i, fake j): fake inside real ball i / real inside fake ball j."""
+        with self.lock:
+            self._add(i, j, in_real, in_fake)
+
+    def _add(self, i, j, in_real, in_fake):
         nf, nr = self.n_fake, self.n_real
         self.counts[0] += in_real.sum()
         self.counts[1 + j[in_real]] = 1
@@ -1242,7 +1286,7 @@ class _Tally:
                 (c[1 + nf + nr:] > 0).numpy())
 
 
-def _cross(real, fake, r_real, r_fake, chunk, threads):
+def _cross(real, fake, r_real, r_fake, chunk):
     """_Tally.result() over the real x fake pairs, sharded by blocks under
     torch.distributed. A pair is decided by its approximate distance unless
     that lies within the error bound (plus rounding slack) of the radius;
@@ -1263,12 +1307,13 @@ def _cross(real, fake, r_real, r_fake, chunk, threads):
     left, right = real.left(), fake.right()[order]
     fake.forget('right')
     t_fake = t_fake[order]
-    buf = left.new_empty(4 * chunk * chunk)
     tiles = [(r0, min(r0 + chunk, real.pad), c0, min(c0 + 4 * chunk, fake.pad))
              for r0 in range(0, real.pad, chunk) for c0 in range(0, fake.pad, 4 * chunk)]
-    tally, unsure = _Tally(real.n, fake.n, dev), []
-    for i0, i1, j0, j1 in _shard(tiles):
-        m = _block(left, right, i0, i1, j0, j1, buf, threads)
+    tally = _Tally(real.n, fake.n, dev)
+
+    def tile(t):
+        i0, i1, j0, j1 = t
+        m = _block(left, right, i0, i1, j0, j1, 4 * chunk * chunk)
         i, j, d = _cross_candidates(m, m.view(m.shape[0], -1, _ROW_GROUP).amin(2), i0, j0, t_real, t_fake)
         j = order[j]
         keep = (i < real.n) & (j < fake.n)
@@ -1278,9 +1323,10 @@ def _cross(real, fake, r_real, r_fake, chunk, threads):
         in_fake, maybe_fake = _inside(d, f2[j], e)
         tally.add(i, j, in_real, in_fake)
         u = maybe_real | maybe_fake
-        unsure.append(torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()]))
+        return torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()])
+    unsure = _pool_map(tile, _shard(tiles), real.workers)
     i, j, maybe_real, maybe_fake = torch.cat(unsure, 1) if unsure else torch.zeros(4, 0, dtype=torch.long)
-    dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j), real.f32 and fake.f32)
+    dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j, real.workers), real.f32 and fake.f32)
     in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev) & maybe_real.bool()
     in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev) & maybe_fake.bool()
     tally.add(i, j, in_real, in_fake)
@@ -1356,17 +1402,18 @@ def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
     if chunk_size is None:
         chunk_size = PRDC_CHUNK_CUDA if real.device.type == 'cuda' else PRDC_CHUNK
     chunk = max(64, -(-int(chunk_size) // 64) * 64)
-    threads = torch.get_num_threads()
+    workers = torch.get_num_threads() if real.device.type == 'cpu' else 1
     with torch.no_grad(), _fp32_matmul(real.device), _threads(1):
-        center = real.mean(0, dtype=torch.float64).to(torch.float32)
+        # any center leaves distances as they are; a mean shrinks the norms
+        center = real[::max(1, len(real) // 1024)].mean(0, dtype=torch.float64).to(torch.float32)
         if not bool(torch.isfinite(center).all()):
             center = torch.zeros_like(center)          # NaN/inf: _Points says which
-        real, fake = _Points(real, center, 'real'), _Points(fake, center, 'fake')
-        r_real = _radii(real, k, chunk, threads)
+        real, fake = _Points(real, center, 'real', workers), _Points(fake, center, 'fake', workers)
+        r_real = _radii(real, k, chunk)
         real.forget('right')                             # the cross blocks need real.left
-        r_fake = _radii(fake, k, chunk, threads)         # and fake.right
+        r_fake = _radii(fake, k, chunk)                  # and fake.right
         fake.forget('left')
-        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk, threads)
+        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk)
     return dict(precision=float(prec.mean()), recall=float(rec.mean()),
                 density=float((1.0 / k) * (inside / fake.n)),
                 coverage=float(cov.mean()))

@@ -133,8 +133,8 @@ def test_near_ties_across_blocks_exact_radii():
     x = near_ties(rng)
     for k in (3, 5, 7):
         for chunk in (64, 1024):
-            p = fid._Points(torch.from_numpy(x), torch.zeros(16), 'real')
-            got = fid._radii(p, k, chunk, 1)
+            p = fid._Points(torch.from_numpy(x), torch.zeros(16), 'real', workers=2)
+            got = fid._radii(p, k, chunk)
             assert np.array_equal(got, brute_force_radii(x, k)), (k, chunk)
     fake = near_ties(rng)
     assert_same(fid.prdc(x, fake, 5, chunk_size=64), brute_force(x, fake, 5), 'near ties')
