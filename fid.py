@@ -857,7 +857,9 @@ def kernel_inception_distance(feats1, feats2, n_subsets=100, subset_size=1000, s
 # Exact k-NN in blocks. One float32 matmul gives a block of squared distances
 # with a proven error bound (_Points.bound); only the comparisons that the
 # bound leaves undecided are settled with exact distances (float64, from the
-# differences), rounded as the reference rounds them (_as_reference).
+# differences), rounded as the reference rounds them (_as_reference). Within a
+# set only the blocks right of the diagonal are computed (_candidates), then
+# the cross blocks (_cross); on a CPU whole blocks go to worker threads.
 
 PRDC_CHUNK = 1024          # rows per distance block on a CPU (a multiple of 64);
 PRDC_CHUNK_CUDA = 4096     # on a GPU. A block has 4x as many columns.
@@ -1380,13 +1382,15 @@ def prdc(real_features, fake_features, nearest_k=5, chunk_size=None):
     real balls holding it, / nearest_k; coverage = fraction of reals whose
     ball holds >= 1 fake.
 
-    Exact k-NN on the features' device, in blocks of chunk_size rows (memory:
-    a few chunk_size^2 float32 blocks besides float32 copies of the features;
-    default PRDC_CHUNK, PRDC_CHUNK_CUDA on a GPU). Distances are those the
-    reference computes, without its rounding noise: exact, then rounded to
-    float32 (float64 for float64 features) as sklearn rounds them. Under
-    torch.distributed (every rank passing the same features) the blocks are
-    sharded across ranks and the counts summed; every rank gets the result."""
+    Exact k-NN on the features' device, in blocks of chunk_size x 4 chunk_size
+    (default PRDC_CHUNK, PRDC_CHUNK_CUDA on a GPU; memory: one block per worker
+    thread and at most three float32 copies of the features, never N x N); on
+    a CPU the blocks are spread over torch.get_num_threads() worker threads.
+    Distances are those the reference computes, without its rounding noise:
+    exact, then rounded to float32 (float64 for float64 features) as sklearn
+    rounds them. Under torch.distributed (every rank passing the same
+    features) the blocks are sharded across ranks and the counts summed;
+    every rank gets the result."""
     if isinstance(nearest_k, bool) or not isinstance(nearest_k, (int, np.integer)) or nearest_k < 1:
         raise FIDError(f'nearest_k must be an integer >= 1, not {nearest_k!r}')
     k = int(nearest_k)

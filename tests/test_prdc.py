@@ -195,6 +195,21 @@ def test_cuda_equals_cpu():
     assert_same(fid.prdc(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), 5), cpu, 'cuda')
 
 
+def test_worker_threads_equal_one_thread():
+    """Blocks spread over 3 worker threads (torch's thread count decides how
+    many) give the one-thread numbers, here with many small blocks."""
+    rng = np.random.default_rng(13)
+    real = rng.standard_normal((700, 32)).astype(np.float32)
+    fake = rng.standard_normal((650, 32)).astype(np.float32)
+    fake[:30] = fake[0]
+    with fid._threads(1):
+        one = fid.prdc(real, fake, 4, chunk_size=64)
+    with fid._threads(3):
+        three = fid.prdc(real, fake, 4, chunk_size=64)
+    assert_same(three, one, 'threads')
+    assert_same(one, brute_force(real, fake, 4), 'brute force')
+
+
 def test_chunked_equals_unchunked():
     rng = np.random.default_rng(4)
     real = rng.standard_normal((333, 24)).astype(np.float32)
