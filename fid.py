@@ -1301,8 +1301,10 @@ def _cross(real, fake, r_real, r_fake, chunk):
     ninf = float('-inf')
     t_real = torch.full((real.pad,), ninf, dtype=torch.float32, device=dev)
     t_fake = torch.full((fake.pad,), ninf, dtype=torch.float32, device=dev)
-    t_real[:real.n] = _up32(torch.where(r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
-    t_fake[:fake.n] = _up32(torch.where(f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
+    t_real[:real.n] = _up32(torch.where(
+        r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
+    t_fake[:fake.n] = _up32(torch.where(
+        f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
     # fakes in order of radius: a group of columns then shares nearly one
     # threshold, so its largest is a tight bound for all (fewer candidates)
     order = torch.cat([torch.argsort(f2), torch.arange(fake.n, fake.pad, device=dev)])
@@ -1316,7 +1318,8 @@ def _cross(real, fake, r_real, r_fake, chunk):
     def tile(t):
         i0, i1, j0, j1 = t
         m = _block(left, right, i0, i1, j0, j1, 4 * chunk * chunk)
-        i, j, d = _cross_candidates(m, m.view(m.shape[0], -1, _ROW_GROUP).amin(2), i0, j0, t_real, t_fake)
+        gm = m.view(m.shape[0], -1, _ROW_GROUP).amin(2)
+        i, j, d = _cross_candidates(m, gm, i0, j0, t_real, t_fake)
         j = order[j]
         keep = (i < real.n) & (j < fake.n)
         i, j, d = i[keep], j[keep], d[keep].double()
@@ -1327,11 +1330,12 @@ def _cross(real, fake, r_real, r_fake, chunk):
         u = maybe_real | maybe_fake
         return torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()])
     unsure = _pool_map(tile, _shard(tiles), real.workers)
-    i, j, maybe_real, maybe_fake = torch.cat(unsure, 1) if unsure else torch.zeros(4, 0, dtype=torch.long)
+    i, j, maybe_real, maybe_fake = torch.cat(
+        unsure or [torch.zeros(4, 0, dtype=torch.long, device=dev)], 1)
     dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j, real.workers), real.f32 and fake.f32)
-    in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev) & maybe_real.bool()
-    in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev) & maybe_fake.bool()
-    tally.add(i, j, in_real, in_fake)
+    in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev)
+    in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev)
+    tally.add(i, j, in_real & maybe_real.bool(), in_fake & maybe_fake.bool())
     return tally.result()
 
 
@@ -1340,7 +1344,8 @@ def _cross_candidates(m, gm, i0, j0, t_real, t_fake, g=_ROW_GROUP):
     t_fake[j], found through gm, the minima over groups of g columns."""
     h = m.shape[0]
     t_f = t_fake[j0:j0 + m.shape[1]].view(-1, g)
-    ri, gj = (gm <= torch.maximum(t_real[i0:i0 + h, None], t_f.amax(1)[None, :])).nonzero(as_tuple=True)
+    thr = torch.maximum(t_real[i0:i0 + h, None], t_f.amax(1)[None, :])
+    ri, gj = (gm <= thr).nonzero(as_tuple=True)
     d = m.view(-1, g).index_select(0, ri * gm.shape[1] + gj)          # whole groups
     pi, pt = (d <= torch.maximum(t_real[ri + i0, None], t_f[gj])).nonzero(as_tuple=True)
     return ri[pi] + i0, gj[pi] * g + pt + j0, d[pi, pt]
