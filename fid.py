@@ -14,8 +14,10 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -928,7 +930,9 @@ def kernel_inception_distance(feats1, feats2, n_subsets=100, subset_size=1000, s
 # Exact k-NN in blocks. One float32 matmul gives a block of squared distances
 # with a proven error bound (_Points.bound); only the comparisons that the
 # bound leaves undecided are settled with exact distances (float64, from the
-# differences), rounded as the reference rounds them (_as_reference).
+# differences), rounded as the reference rounds them (_as_reference). Within a
+# set only the blocks right of the diagonal are computed (_candidates), then
+# the cross blocks (_cross); on a CPU whole blocks go to worker threads.
 
 PRDC_CHUNK = 1024          # rows per distance block on a CPU (a multiple of 64);
 PRDC_CHUNK_CUDA = 4096     # on a GPU. A block has 4x as many columns.
@@ -975,21 +979,26 @@ class _Points:
 
     STEP = 256                                      # rows converted at a time
 
-    def __init__(self, x, center, what):
+    def __init__(self, x, center, what, workers):
         self.x, self.n, self.d = x, x.shape[0], x.shape[1]
+        self.workers = workers
         self.f32 = x.dtype == torch.float32
         self.center = center
         self.width = -(-(self.d + 2) // 16) * 16          # zero columns: aligned
         self.pad = -(-self.n // 64) * 64
-        left = x.new_zeros((self.pad, self.width), dtype=torch.float32)
+        left = x.new_empty((self.pad, self.width), dtype=torch.float32)
+        left[:, self.d:] = 0
+        left[self.n:] = 0
         self.sq = torch.empty(self.n, dtype=torch.float64, device=x.device)
-        for s in range(0, self.n, self.STEP):         # small steps: in cache
+
+        def move(s):                                  # small steps: in cache
             part = left[s:s + self.STEP, :self.d][:self.n - s]
             if self.f32:
                 torch.sub(x[s:s + self.STEP], center, out=part)
             else:
                 part.copy_(x[s:s + self.STEP].double() - center.double())
             self.sq[s:s + self.STEP] = part.double().pow_(2).sum(1)
+        _pool_map(move, range(0, self.n, self.STEP), workers)
         if not bool(torch.isfinite(self.sq).all()):
             raise FIDError(f'{what} features contain NaN or inf')
         self.sqmax = float(self.sq.max())
@@ -1009,7 +1018,9 @@ class _Points:
         """Built from left (which must still be there): -2 x is exact."""
         if 'right' not in self.cache:
             left, n, d = self.cache['left'], self.n, self.d
-            right = left * -2
+            right = torch.empty_like(left)
+            _pool_map(lambda s: torch.mul(left[s:s + self.STEP], -2, out=right[s:s + self.STEP]),
+                      range(0, self.pad, self.STEP), self.workers)
             right[:n, d], right[:n, d + 1] = 1, left[:n, d]
             right[n:, d], right[n:, d + 1] = 0, _BIG
             self.cache['right'] = right
@@ -1043,6 +1054,7 @@ class _Nearest:
         self.idx = torch.zeros((pad, kk), dtype=torch.long, device=dev)
         self.tau = torch.full((pad,), float('inf'), device=dev)
         self.tau[n:] = float('-inf')
+        self.lock = threading.Lock()        # offers come from several threads
 
     def bound(self, smallest, rows):
         """tau from the sorted smallest values of some rows."""
@@ -1053,6 +1065,10 @@ class _Nearest:
         kk smallest per row."""
         if len(r) == 0:
             return
+        with self.lock:
+            self._merge(r, c, v)
+
+    def _merge(self, r, c, v):
         kk, dev = self.kk, r.device
         rows, counts = torch.unique_consecutive(r, return_counts=True)
         group = torch.repeat_interleave(torch.arange(len(rows), device=dev), counts)
@@ -1079,7 +1095,7 @@ class _Nearest:
         their row's tau, found through gm, the minima over groups of g columns."""
         h, w = m.shape
         rows = slice(r0, r0 + h)
-        tau = self.tau[rows]
+        tau = self.tau[rows].clone()          # a bound even if an offer moves it meanwhile
         if not bool(torch.isfinite(tau).all()):
             tau = torch.minimum(tau, self._first_bound(gm, 1, rows))
         ri, gi = (gm <= tau[:, None]).nonzero(as_tuple=True)
@@ -1092,7 +1108,7 @@ class _Nearest:
         columns r0..), gm their minima over groups of g rows."""
         h, w = m.shape[0], m.shape[1] - off
         rows = slice(c0 + off, c0 + off + w)
-        tau = self.tau[rows]
+        tau = self.tau[rows].clone()
         if not bool(torch.isfinite(tau).all()):
             tau = torch.minimum(tau, self._first_bound(gm, 0, rows))
         cj, gi = (gm.T <= tau[:, None]).nonzero(as_tuple=True)      # by column
@@ -1102,19 +1118,22 @@ class _Nearest:
         self.offer(cj[pi] + c0 + off, rows[pi, pt] + r0, vals[pi, pt])
 
 
-def _block(left, right, r0, r1, c0, c1, buf, threads):
-    """left[r0:r1] . right[c0:c1]^T (approximate squared distances) into buf."""
-    with _threads(threads):
-        return torch.mm(left[r0:r1], right[c0:c1].T,
-                        out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+_BUFFERS = threading.local()
+
+
+def _block(left, right, r0, r1, c0, c1, size):
+    """left[r0:r1] . right[c0:c1]^T (approximate squared distances), in this
+    thread's buffer of `size` floats."""
+    buf = getattr(_BUFFERS, 'buf', None)
+    if buf is None or buf.numel() < size or buf.device != left.device:
+        buf = _BUFFERS.buf = left.new_empty(size)
+    return torch.mm(left[r0:r1], right[c0:c1].T,
+                    out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
 
 
 @contextmanager
 def _threads(n):
-    """torch on n CPU threads inside, restored after. prdc runs on one thread
-    but for its matmuls: the rest is many small or memory-bound ops, and on a
-    busy machine each op's parallel start-up (waiting for a descheduled
-    thread) costs milliseconds, several times the work."""
+    """torch on n CPU threads inside, restored after."""
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -1123,13 +1142,30 @@ def _threads(n):
         torch.set_num_threads(saved)
 
 
+def _pool_map(fn, items, workers):
+    """[fn(item) for item in items] on `workers` Python threads, each running
+    torch on one CPU thread. prdc spreads whole blocks (matmul and search)
+    over threads instead of splitting each op: most of its ops are small, and
+    a parallel op waits for its slowest thread, which on a busy machine costs
+    milliseconds per op (several times the work)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+
+    def run(x):
+        torch.set_num_threads(1)              # this thread's own OpenMP setting
+        return fn(x)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, items))
+
+
 def _shard(items):
     """This rank's share of the work items under torch.distributed."""
     rank, world = _dist()
     return items[rank::world]
 
 
-def _candidates(p, kk, k, chunk, threads):
+def _candidates(p, kk, k, chunk):
     """For every row of p, the kk smallest approximate squared distances to
     the rows of p (itself included) and their columns, sorted, as far as they
     matter (_Nearest; inf for those that do not). Only blocks
@@ -1142,17 +1178,19 @@ def _candidates(p, kk, k, chunk, threads):
     slack[:p.n] = _up32(2 * _row_bound(p))
     near = _Nearest(p.n, p.pad, kk, k + 1, slack)
     left, right = p.left(), p.right()
-    buf = left.new_empty(4 * chunk * chunk)
     tiles = [(r0, min(r0 + chunk, p.pad), c0, min(c0 + 4 * chunk, p.pad))
              for r0 in range(0, p.pad, chunk) for c0 in range(r0, p.pad, 4 * chunk)]
-    for r0, r1, c0, c1 in _shard(tiles):
-        m = _block(left, right, r0, r1, c0, c1, buf, threads)
+
+    def tile(t):
+        r0, r1, c0, c1 = t
+        m = _block(left, right, r0, r1, c0, c1, 4 * chunk * chunk)
         h, w = m.shape
         off = max(r1 - c0, 0)                   # columns inside the strip: rows only
         near.search_rows(m, m.view(h, w // _ROW_GROUP, _ROW_GROUP).amin(2), r0, c0, _ROW_GROUP)
         if off < w:
             near.search_cols(m, off, m[:, off:].view(h // _COL_GROUP, _COL_GROUP, w - off).amin(1),
                              r0, c0, _COL_GROUP)
+    _pool_map(tile, _shard(tiles), p.workers)
     vals, idx = near.vals, near.idx
     if _dist()[1] > 1:
         dev = _comm_device()
@@ -1166,7 +1204,7 @@ def _candidates(p, kk, k, chunk, threads):
     return vals[:p.n], idx[:p.n]
 
 
-def _exact_d2(x, y, i, j):
+def _exact_d2(x, y, i, j, workers=1):
     """|x_i - y_j|^2 for index pairs, in float64 from the differences (exact
     products of float32 values; relative error <= D * 2^-53), a few pairs at a
     time (numpy on a CPU: a third of torch's time for such small pieces)."""
@@ -1179,10 +1217,13 @@ def _exact_d2(x, y, i, j):
         return out
     xn, yn, i, j = x.numpy(), y.numpy(), i.numpy(), j.numpy()
     out = np.empty(len(i))
-    for s in range(0, len(i), 64):
-        d = xn[i[s:s + 64]].astype(np.float64)
-        d -= yn[j[s:s + 64]]
-        out[s:s + 64] = np.einsum('ij,ij->i', d, d)
+
+    def part(s0):
+        for s in range(s0, min(s0 + 4096, len(i)), 64):
+            d = xn[i[s:s + 64]].astype(np.float64)
+            d -= yn[j[s:s + 64]]
+            out[s:s + 64] = np.einsum('ij,ij->i', d, d)
+    _pool_map(part, range(0, len(i), 4096), workers)
     return torch.from_numpy(out)
 
 
@@ -1194,7 +1235,7 @@ def _as_reference(d2, f32):
     return np.sqrt(d2.astype(np.float32)) if f32 else np.sqrt(d2)
 
 
-def _radii(p, k, chunk, threads):
+def _radii(p, k, chunk):
     """Distance of every row of p to its k-th nearest neighbour in p, itself
     excluded: the (k+1)-th smallest distance with itself (0) included, as the
     reference takes it; rounded as the reference rounds (numpy array).
@@ -1206,10 +1247,10 @@ def _radii(p, k, chunk, threads):
     between, computed exactly. A row whose kept candidates may miss part of
     the band goes through _radii_dense."""
     kk = min(k + 1 + _EXTRA, p.n)
-    vals, idx = _candidates(p, kk, k, chunk, threads)
+    vals, idx = _candidates(p, kk, k, chunk)
     d2, rest = _band_kth(p, vals, idx, k)
     if len(rest):
-        d2[rest] = _radii_dense(p, rest, k, chunk, threads)
+        d2[rest] = _radii_dense(p, rest, k, chunk)
     return _as_reference(d2, p.f32)
 
 
@@ -1232,13 +1273,13 @@ def _band_kth(p, vals, idx, k):
     below = (vals < lo).sum(1)
     r, c = band.nonzero(as_tuple=True)
     exact = torch.full_like(vals, float('inf'))
-    exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c])
+    exact[r, c] = _exact_d2(p.x, p.x, r, idx[r, c], p.workers)
     pick = (k - below).clamp(0, kk - 1)[:, None]
     d2 = exact.sort(1).values.gather(1, pick)[:, 0]
     return d2, (~complete).nonzero()[:, 0]
 
 
-def _radii_dense(p, rows, k, chunk, threads):
+def _radii_dense(p, rows, k, chunk):
     """_radii for rows whose band did not fit among the candidates (many points
     at nearly the same distance: duplicates, tight clusters): all their
     distances in float64 (moved by the center; matmul error <= c64 (|x_i|^2 +
@@ -1254,7 +1295,7 @@ def _radii_dense(p, rows, k, chunk, threads):
     step = max(1, chunk * chunk // max(1, p.n))
     for s in range(0, len(rows), step):
         rs = rows[s:s + step]
-        with _threads(threads):
+        with _threads(p.workers):
             d2 = x64[rs] @ x64.T
         d2 = sq[rs, None] + sq[None, :] - 2 * d2
         e = (c64 * (sq[rs] + sq.max()) + _TINY)[:, None]
@@ -1294,9 +1335,14 @@ class _Tally:
     def __init__(self, n_real, n_fake, device):
         self.counts = torch.zeros(1 + n_fake + 2 * n_real, dtype=torch.long, device=device)
         self.n_real, self.n_fake = n_real, n_fake
+        self.lock = threading.Lock()
 
     def add(self, i, j, in_real, in_fake):
         """Pairs (real i, fake j): fake inside real ball i / real inside fake ball j."""
+        with self.lock:
+            self._add(i, j, in_real, in_fake)
+
+    def _add(self, i, j, in_real, in_fake):
         nf, nr = self.n_fake, self.n_real
         self.counts[0] += in_real.sum()
         self.counts[1 + j[in_real]] = 1
@@ -1315,7 +1361,7 @@ class _Tally:
                 (c[1 + nf + nr:] > 0).numpy())
 
 
-def _cross(real, fake, r_real, r_fake, chunk, threads):
+def _cross(real, fake, r_real, r_fake, chunk):
     """_Tally.result() over the real x fake pairs, sharded by blocks under
     torch.distributed. A pair is decided by its approximate distance unless
     that lies within the error bound (plus rounding slack) of the radius;
@@ -1328,21 +1374,25 @@ def _cross(real, fake, r_real, r_fake, chunk, threads):
     ninf = float('-inf')
     t_real = torch.full((real.pad,), ninf, dtype=torch.float32, device=dev)
     t_fake = torch.full((fake.pad,), ninf, dtype=torch.float32, device=dev)
-    t_real[:real.n] = _up32(torch.where(r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
-    t_fake[:fake.n] = _up32(torch.where(f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
+    t_real[:real.n] = _up32(torch.where(
+        r2 > 0, r2 * (1 + _DELTA) + c * (real.sq + fake.sqmax) + _TINY, ninf))
+    t_fake[:fake.n] = _up32(torch.where(
+        f2 > 0, f2 * (1 + _DELTA) + c * (real.sqmax + fake.sq) + _TINY, ninf))
     # fakes in order of radius: a group of columns then shares nearly one
     # threshold, so its largest is a tight bound for all (fewer candidates)
     order = torch.cat([torch.argsort(f2), torch.arange(fake.n, fake.pad, device=dev)])
     left, right = real.left(), fake.right()[order]
     fake.forget('right')
     t_fake = t_fake[order]
-    buf = left.new_empty(4 * chunk * chunk)
     tiles = [(r0, min(r0 + chunk, real.pad), c0, min(c0 + 4 * chunk, fake.pad))
              for r0 in range(0, real.pad, chunk) for c0 in range(0, fake.pad, 4 * chunk)]
-    tally, unsure = _Tally(real.n, fake.n, dev), []
-    for i0, i1, j0, j1 in _shard(tiles):
-        m = _block(left, right, i0, i1, j0, j1, buf, threads)
-        i, j, d = _cross_candidates(m, m.view(m.shape[0], -1, _ROW_GROUP).amin(2), i0, j0, t_real, t_fake)
+    tally = _Tally(real.n, fake.n, dev)
+
+    def tile(t):
+        i0, i1, j0, j1 = t
+        m = _block(left, right, i0, i1, j0, j1, 4 * chunk * chunk)
+        gm = m.view(m.shape[0], -1, _ROW_GROUP).amin(2)
+        i, j, d = _cross_candidates(m, gm, i0, j0, t_real, t_fake)
         j = order[j]
         keep = (i < real.n) & (j < fake.n)
         i, j, d = i[keep], j[keep], d[keep].double()
@@ -1351,12 +1401,14 @@ def _cross(real, fake, r_real, r_fake, chunk, threads):
         in_fake, maybe_fake = _inside(d, f2[j], e)
         tally.add(i, j, in_real, in_fake)
         u = maybe_real | maybe_fake
-        unsure.append(torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()]))
-    i, j, maybe_real, maybe_fake = torch.cat(unsure, 1) if unsure else torch.zeros(4, 0, dtype=torch.long)
-    dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j), real.f32 and fake.f32)
-    in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev) & maybe_real.bool()
-    in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev) & maybe_fake.bool()
-    tally.add(i, j, in_real, in_fake)
+        return torch.stack([i[u], j[u], maybe_real[u].long(), maybe_fake[u].long()])
+    unsure = _pool_map(tile, _shard(tiles), real.workers)
+    i, j, maybe_real, maybe_fake = torch.cat(
+        unsure or [torch.zeros(4, 0, dtype=torch.long, device=dev)], 1)
+    dist_ = _as_reference(_exact_d2(real.x, fake.x, i, j, real.workers), real.f32 and fake.f32)
+    in_real = torch.from_numpy(dist_ < np.asarray(r_real)[i.cpu().numpy()]).to(dev)
+    in_fake = torch.from_numpy(dist_ < np.asarray(r_fake)[j.cpu().numpy()]).to(dev)
+    tally.add(i, j, in_real & maybe_real.bool(), in_fake & maybe_fake.bool())
     return tally.result()
 
 
@@ -1365,7 +1417,8 @@ def _cross_candidates(m, gm, i0, j0, t_real, t_fake, g=_ROW_GROUP):
     t_fake[j], found through gm, the minima over groups of g columns."""
     h = m.shape[0]
     t_f = t_fake[j0:j0 + m.shape[1]].view(-1, g)
-    ri, gj = (gm <= torch.maximum(t_real[i0:i0 + h, None], t_f.amax(1)[None, :])).nonzero(as_tuple=True)
+    thr = torch.maximum(t_real[i0:i0 + h, None], t_f.amax(1)[None, :])
+    ri, gj = (gm <= thr).nonzero(as_tuple=True)
     d = m.view(-1, g).index_select(0, ri * gm.shape[1] + gj)          # whole groups
     pi, pt = (d <= torch.maximum(t_real[ri + i0, None], t_f[gj])).nonzero(as_tuple=True)
     return ri[pi] + i0, gj[pi] * g + pt + j0, d[pi, pt]
@@ -1407,14 +1460,16 @@ def prdc(real_features, fake_features, nearest_k=5, chunk_size=None, distributed
     real balls holding it, / nearest_k; coverage = fraction of reals whose
     ball holds >= 1 fake.
 
-    Exact k-NN on the features' device, in blocks of chunk_size rows (memory:
-    a few chunk_size^2 float32 blocks besides float32 copies of the features;
-    default PRDC_CHUNK, PRDC_CHUNK_CUDA on a GPU). Distances are those the
-    reference computes, without its rounding noise: exact, then rounded to
-    float32 (float64 for float64 features) as sklearn rounds them. Under
-    torch.distributed (every rank passing the same features) the blocks are
-    sharded across ranks and the counts summed; every rank gets the result.
-    distributed=False: each rank computes on its own features, alone."""
+    Exact k-NN on the features' device, in blocks of chunk_size x 4 chunk_size
+    (default PRDC_CHUNK, PRDC_CHUNK_CUDA on a GPU; memory: one block per worker
+    thread and at most three float32 copies of the features, never N x N); on
+    a CPU the blocks are spread over torch.get_num_threads() worker threads.
+    Distances are those the reference computes, without its rounding noise:
+    exact, then rounded to float32 (float64 for float64 features) as sklearn
+    rounds them. Under torch.distributed (every rank passing the same
+    features) the blocks are sharded across ranks and the counts summed;
+    every rank gets the result. distributed=False: each rank computes on its
+    own features, alone."""
     if not distributed:
         with _alone():
             return prdc(real_features, fake_features, nearest_k, chunk_size)
@@ -1433,17 +1488,18 @@ def prdc(real_features, fake_features, nearest_k=5, chunk_size=None, distributed
     if chunk_size is None:
         chunk_size = PRDC_CHUNK_CUDA if real.device.type == 'cuda' else PRDC_CHUNK
     chunk = max(64, -(-int(chunk_size) // 64) * 64)
-    threads = torch.get_num_threads()
+    workers = torch.get_num_threads() if real.device.type == 'cpu' else 1
     with torch.no_grad(), _fp32_matmul(real.device), _threads(1):
-        center = real.mean(0, dtype=torch.float64).to(torch.float32)
+        # any center leaves distances as they are; a mean shrinks the norms
+        center = real[::max(1, len(real) // 1024)].mean(0, dtype=torch.float64).to(torch.float32)
         if not bool(torch.isfinite(center).all()):
             center = torch.zeros_like(center)          # NaN/inf: _Points says which
-        real, fake = _Points(real, center, 'real'), _Points(fake, center, 'fake')
-        r_real = _radii(real, k, chunk, threads)
+        real, fake = _Points(real, center, 'real', workers), _Points(fake, center, 'fake', workers)
+        r_real = _radii(real, k, chunk)
         real.forget('right')                             # the cross blocks need real.left
-        r_fake = _radii(fake, k, chunk, threads)         # and fake.right
+        r_fake = _radii(fake, k, chunk)                  # and fake.right
         fake.forget('left')
-        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk, threads)
+        inside, prec, cov, rec = _cross(real, fake, r_real, r_fake, chunk)
     return dict(precision=float(prec.mean()), recall=float(rec.mean()),
                 density=float((1.0 / k) * (inside / fake.n)),
                 coverage=float(cov.mean()))

@@ -18,6 +18,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def features(n, m, d, seed=0):
 def worker(args):
     """One measurement in this process: prints a JSON line."""
     real, fake = features(args.n, args.m, args.d)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    use0 = resource.getrusage(resource.RUSAGE_SELF)
+    base = use0.ru_maxrss / 2 ** 20
     t = time.perf_counter()
     if args.worker == 'reference':
         import contextlib
@@ -49,33 +51,58 @@ def worker(args):
     else:
         out = fid.prdc(real, fake, args.k)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(json.dumps(dict(seconds=dt, result=out, rss_gb=peak, features_rss_gb=base)))
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps(dict(seconds=dt, result=out, rss_gb=use.ru_maxrss / 2 ** 20,
+                          features_rss_gb=base, cpu_seconds=use.ru_utime + use.ru_stime - use0.ru_utime - use0.ru_stime)))
 
 
 def measure(which, n, m, d, k):
     cmd = [sys.executable, __file__, '--worker', which, '--n', str(n), '--m', str(m),
            '--d', str(d), '--k', str(k)]
+    load = os.getloadavg()[0]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f'{which} failed:\n{p.stderr[-3000:]}')
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res['load'] = (load, os.getloadavg()[0])      # 1-minute load average before / after
+    return res
 
 
-def matmul_gflops(shapes=((2048, 2048, 2048), (1024, 2064, 4096)), reps=5):
-    """Best of `reps` float32 matmul GFLOP/s for (M, K, N) shapes: the square
-    one bench_fid.py uses, and fid.prdc's block shape."""
-    out = {}
-    for mm, kk, nn in shapes:
-        a, b = torch.randn(mm, kk), torch.randn(nn, kk)
-        c = torch.empty(mm, nn)
-        torch.mm(a, b.T, out=c)
-        best = float('inf')
+def matmul_gflops(reps=5):
+    """Best of `reps` float32 matmul GFLOP/s: torch.mm on all threads for the
+    square 2048 shape bench_fid.py uses and for fid.prdc's block shape
+    (1024 x 2064 @ 2064 x 4096), and that block shape as fid.prdc runs it: one
+    single-threaded matmul per core at the same time."""
+    def best(fn, flops):
+        fn()
+        b = float('inf')
         for _ in range(reps):
             t = time.perf_counter()
+            fn()
+            b = min(b, time.perf_counter() - t)
+        return flops / b / 1e9
+
+    out = {}
+    for mm, kk, nn in ((2048, 2048, 2048), (1024, 2064, 4096)):
+        a, b, c = torch.randn(mm, kk), torch.randn(nn, kk), torch.empty(mm, nn)
+        out[f'{mm}x{kk} @ {kk}x{nn}, {torch.get_num_threads()} threads'] = \
+            best(lambda: torch.mm(a, b.T, out=c), 2 * mm * kk * nn)
+    workers = torch.get_num_threads()
+    mats = [(torch.randn(1024, 2064), torch.randn(4096, 2064), torch.empty(1024, 4096))
+            for _ in range(workers)]
+
+    def concurrent():
+        def one(a, b, c):
+            torch.set_num_threads(1)
             torch.mm(a, b.T, out=c)
-            best = min(best, time.perf_counter() - t)
-        out[(mm, kk, nn)] = 2 * mm * kk * nn / best / 1e9
+        ts = [threading.Thread(target=one, args=m) for m in mats]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    out[f'1024x2064 @ 2064x4096, {workers} at once on 1 thread each'] = \
+        best(concurrent, workers * 2 * 1024 * 2064 * 4096)
+    torch.set_num_threads(workers)
     return out
 
 
@@ -122,20 +149,22 @@ def main():
         f'Load average (1/5/15 min) at the start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, '
         f'at the end {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}.', '',
         f'## {args.n:,} vs {args.m:,} features, {args.d}-d', '',
-        '| | wall s per run (ABBA order) | median | peak RSS GB |', '|---|---|---|---|',
+        '| | wall s per run (ABBA order) | median | CPU s per run | load before -> after | peak RSS GB |',
+        '|---|---|---|---|---|---|',
     ]
     for w, name in (('reference', 'prdc.compute_prdc'), ('ours', 'fid.prdc')):
         times = ', '.join('%.2f' % r['seconds'] for r in runs[w])
+        cpu = ', '.join('%.1f' % r['cpu_seconds'] for r in runs[w])
+        load = ', '.join('%.1f -> %.1f' % tuple(r['load']) for r in runs[w])
         rss = max(r['rss_gb'] for r in runs[w])
-        lines.append(f'| {name} | {times} | {med[w]:.2f} | {rss:.2f} |')
+        lines.append(f'| {name} | {times} | {med[w]:.2f} | {cpu} | {load} | {rss:.2f} |')
     lines += [
         '', f'Speed-up (median reference / median fid.prdc): **{med["reference"] / med["ours"]:.2f}x**. '
         f'Same four numbers in every run: {"yes" if same else "NO"} '
         f'({runs["reference"][0]["result"]}).', '',
         '## Against the arithmetic floor', '',
-        f'- float32 matmul peak, best of 5 (before / after the runs): '
-        + ', '.join(f'{mm}x{kk} @ {kk}x{nn}: {peak[(mm, kk, nn)]:.0f} / {peak_after[(mm, kk, nn)]:.0f} GFLOP/s'
-                    for mm, kk, nn in peak) + '.',
+        '- float32 matmul GFLOP/s, best of 5 (before / after the runs): '
+        + '; '.join(f'{name}: {peak[name]:.0f} / {peak_after[name]:.0f}' for name in peak) + '.',
         f'- Floor: 2 D (N^2/2 + M^2/2 + N M) = {flops / 1e12:.2f} TFLOP at {best_peak:.0f} GFLOP/s '
         f'= {floor:.2f} s; fid.prdc\'s median {med["ours"]:.2f} s is {100 * floor / med["ours"]:.0f}% '
         f'of the floor\'s speed ({med["ours"] / floor:.2f}x the floor). The reference computes all three '
@@ -146,7 +175,7 @@ def main():
         lines += [
             '', f'## {args.big:,} vs {args.big:,} features, {args.d}-d (fid.prdc alone)', '',
             f'- {big["seconds"]:.1f} s ({100 * bflops / (best_peak * 1e9) / big["seconds"]:.0f}% of the floor\'s '
-            f'speed), peak RSS {big["rss_gb"]:.2f} GB (of which {big["features_rss_gb"]:.2f} GB are the '
+            f'speed; {big["cpu_seconds"]:.0f} CPU s; load {big["load"][0]:.1f} -> {big["load"][1]:.1f}), peak RSS {big["rss_gb"]:.2f} GB (of which {big["features_rss_gb"]:.2f} GB are the '
             f'process and the two feature arrays before the call). The reference would hold three '
             f'{args.big:,}^2 float32 matrices: {3 * 4 * args.big ** 2 / 1e9:.0f} GB.',
             f'- Result: {big["result"]}.',

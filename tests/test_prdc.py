@@ -133,8 +133,8 @@ def test_near_ties_across_blocks_exact_radii():
     x = near_ties(rng)
     for k in (3, 5, 7):
         for chunk in (64, 1024):
-            p = fid._Points(torch.from_numpy(x), torch.zeros(16), 'real')
-            got = fid._radii(p, k, chunk, 1)
+            p = fid._Points(torch.from_numpy(x), torch.zeros(16), 'real', workers=2)
+            got = fid._radii(p, k, chunk)
             assert np.array_equal(got, brute_force_radii(x, k)), (k, chunk)
     fake = near_ties(rng)
     assert_same(fid.prdc(x, fake, 5, chunk_size=64), brute_force(x, fake, 5), 'near ties')
@@ -193,6 +193,21 @@ def test_cuda_equals_cpu():
     fake[:50] = fake[0]
     cpu = fid.prdc(real, fake, 5)
     assert_same(fid.prdc(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), 5), cpu, 'cuda')
+
+
+def test_worker_threads_equal_one_thread():
+    """Blocks spread over 3 worker threads (torch's thread count decides how
+    many) give the one-thread numbers, here with many small blocks."""
+    rng = np.random.default_rng(13)
+    real = rng.standard_normal((700, 32)).astype(np.float32)
+    fake = rng.standard_normal((650, 32)).astype(np.float32)
+    fake[:30] = fake[0]
+    with fid._threads(1):
+        one = fid.prdc(real, fake, 4, chunk_size=64)
+    with fid._threads(3):
+        three = fid.prdc(real, fake, 4, chunk_size=64)
+    assert_same(three, one, 'threads')
+    assert_same(one, brute_force(real, fake, 4), 'brute force')
 
 
 def test_chunked_equals_unchunked():
@@ -265,6 +280,7 @@ out = fid.prdc(f['real'], f['fake'], 3, chunk_size=64)
 dist.barrier()
 if dist.get_rank() == 1:
     json.dump(out, open(sys.argv[2], 'w'))     # rank 1: every rank has the result
+fid.main([sys.argv[3], sys.argv[4], '--dims', '64', '--prdc', '--prdc-k', '2'])   # rank 0 prints
 dist.destroy_process_group()
 '''
 
@@ -275,7 +291,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_equal_one(tmp_path):
+def test_torchrun_two_processes_equal_one(tmp_path, torch_home, folders, capsys):
+    """The API and the CLI under a 2-process torchrun (gloo): the blocks and
+    the feature extraction are sharded, the numbers are one process's."""
     rng = np.random.default_rng(8)
     real = rng.standard_normal((300, 16)).astype(np.float32)
     fake = (rng.standard_normal((250, 16)) * 1.1).astype(np.float32)
@@ -285,13 +303,17 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     driver.write_text(DRIVER.format(root=str(ROOT)))
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                         '--master_port', str(free_port()), str(driver), str(tmp_path / 'f.npz'),
-                        str(tmp_path / 'out.json')], capture_output=True, text=True,
+                        str(tmp_path / 'out.json'), *folders], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads((tmp_path / 'out.json').read_text())
     one = fid.prdc(real, fake, 3)
     assert_same(got, one, 'torchrun')
     assert_same(one, brute_force(real, fake, 3), 'brute force')
+    rc, out, _ = run_cli(capsys, *folders, '--dims', 64, '--prdc', '--prdc-k', 2)
+    lines = p.stdout.strip().splitlines()                            # rank 0 alone printed
+    assert rc == 0 and lines[:4] == out[:4] and len(lines) == len(out) == 5
+    assert float(lines[4].split()[1]) == pytest.approx(float(out[4].split()[1]), rel=1e-9)
 
 
 # --- CLI and progress bar -----------------------------------------------------
