@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -318,19 +319,12 @@ def test_torchrun_two_processes_equal_one(tmp_path, torch_home, folders, capsys)
 
 # --- CLI and progress bar -----------------------------------------------------
 
-@pytest.fixture(scope='module')
-def weights(tmp_path_factory):
-    home = tmp_path_factory.mktemp('torch_home')
-    (home / 'hub' / 'checkpoints').mkdir(parents=True)
-    torch.save(fid.random_weights(0), home / 'hub' / 'checkpoints' / fid.WEIGHTS_FILE)
-    return home
-
-
 @pytest.fixture
-def torch_home(weights, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(weights))
+def torch_home(fid_torch_home, monkeypatch):
+    """TORCH_HOME holding random Inception weights under the real file's name (conftest)."""
+    monkeypatch.setenv('TORCH_HOME', fid_torch_home)
     monkeypatch.delenv('FID_WEIGHTS', raising=False)
-    return weights
+    return pathlib.Path(fid_torch_home)
 
 
 @pytest.fixture(scope='module')
