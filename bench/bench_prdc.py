@@ -121,7 +121,7 @@ def main():
     if args.worker:
         return worker(args)
 
-    command = 'python bench/bench_prdc.py ' + ' '.join(sys.argv[1:])
+    command = ' '.join(['python', 'bench/bench_prdc.py'] + sys.argv[1:])
     load0 = os.getloadavg()
     peak = matmul_gflops()
     runs = {'ours': [], 'reference': []}
