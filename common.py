@@ -1379,6 +1379,33 @@ def tracked_figure(metrics, fid_on):
     return None
 
 
+class TrainingClock:
+    """The CPU seconds a process spends training: its CPU time (every thread) since start(), less
+    the time inside evaluating(). The quality figures cost every method the same per sample and
+    more per generator, so a compute budget leaves them out. One per process (TRAINING_CLOCK):
+    Run starts and reads it, Evaluator excludes itself from it."""
+
+    def __init__(self):
+        self.start()
+
+    def start(self, seconds_before=0.0):
+        self.before, self.started, self.excluded = seconds_before, time.process_time(), 0.0
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        began = time.process_time()
+        try:
+            yield
+        finally:
+            self.excluded += time.process_time() - began
+
+    def seconds(self):
+        return self.before + time.process_time() - self.started - self.excluded
+
+
+TRAINING_CLOCK = TrainingClock()
+
+
 def format_eta(seconds):
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -1584,7 +1611,8 @@ class Run:
         scalers = {name: self.scalers[id(checkpointed(obj))].state_dict() for name, obj in objects.items()
                    if id(checkpointed(obj)) in self.scalers}
         state.update(iteration=iteration + 1, scalers=scalers, rng=rngs, best=self.checkpoints.best,
-                     wall_seconds=self.wall_seconds(), world_size=self.world_size)
+                     wall_seconds=self.wall_seconds(), cpu_seconds=TRAINING_CLOCK.seconds(),
+                     world_size=self.world_size)
         self.checkpoints.write(state, which)
         if which == 'last':
             self.flush_events()
@@ -1595,6 +1623,7 @@ class Run:
         Returns the first iteration to run; called just before the loop, it also starts the it/s clock."""
         self.objects = objects
         self.tick = time.time()
+        TRAINING_CLOCK.start()
         if not self.resuming:
             return 0
         state = self.checkpoints.read(self.args.from_ckpt if self.args.generate else 'last')
@@ -1627,6 +1656,7 @@ class Run:
             self.seed_everything(self.args.seed + self.rank + 7919 * state['iteration'])
         self.checkpoints.best = state.get('best') or {}
         self.wall_before = state['wall_seconds']
+        TRAINING_CLOCK.start(state.get('cpu_seconds', 0.0))
         self.rows = [r for r in self.read_rows() if int(r['iteration']) <= state['iteration']]
         self.tick_iteration = self.tick_iteration_start = state['iteration']
         return state['iteration']
@@ -1733,7 +1763,8 @@ class Run:
             self.check_finite(iteration)
             return
         row = {'iteration': done, 'epoch': iteration // self.per_epoch + 1,
-               'wall_seconds': round(self.wall_seconds(), 3)}
+               'wall_seconds': round(self.wall_seconds(), 3),
+               'cpu_seconds': round(TRAINING_CLOCK.seconds(), 3)}
         for name, value in list(losses.items()) + list(metrics.items()):
             if isinstance(value, list):
                 row.update({f'{name}_{i}': v for i, v in enumerate(value)})
@@ -1767,7 +1798,8 @@ class Run:
 
     def finish(self, iteration, metrics=None):
         """summary.json, metrics.png and the closing line; tears DDP down."""
-        summary = {'iterations': iteration + 1, 'wall_seconds': round(self.wall_seconds(), 2)}
+        summary = {'iterations': iteration + 1, 'wall_seconds': round(self.wall_seconds(), 2),
+                   'cpu_seconds': round(TRAINING_CLOCK.seconds(), 2)}
         summary.update({f'final_{k}': v for k, v in self.last_losses.items()})
         summary.update({k: metric_value(v) for k, v in (metrics or {}).items()})
         if self.checkpoints.best:   # the state kept in ckpt_best.pt
@@ -1830,6 +1862,9 @@ def save_sample_grid(path, samples, data=None):
     save_image(samples.flatten(0, 1), path, nrow=per_row, normalize=True, value_range=(-1, 1), pad_value=1)
 
 
+CLOCK_COLUMNS = ('iteration', 'epoch', 'wall_seconds', 'cpu_seconds')   # metrics.csv's columns that are no figure
+
+
 def plot_metrics(csv_paths, png_path, labels=None):
     """Plot every column of one or more metrics.csv files against iteration, one panel each."""
     import matplotlib
@@ -1844,7 +1879,7 @@ def plot_metrics(csv_paths, png_path, labels=None):
     columns = []
     for rows in tables:
         for row in rows:
-            columns += [c for c in row if c not in columns and c not in ('iteration', 'epoch', 'wall_seconds')]
+            columns += [c for c in row if c not in columns and c not in CLOCK_COLUMNS]
     if not columns:
         return
     groups = {}  # G_0, G_1, ... share a panel
@@ -2060,10 +2095,11 @@ class Evaluator:
             sample_fn = lambda n: mixture(sample_each(-(-n // self.n_gen)), n)
         done, last = iteration + 1, iteration + 1 == n_iters
         out = {}
-        if last or (self.eval_interval and done % self.eval_interval == 0):
-            out.update(self.evaluate(sample_fn, sample_each))
-        if self.fid_tracker is not None and (last or done % self.fid_every == 0):
-            out.update(self.fid(fid_sample_fn or sample_fn))
+        with TRAINING_CLOCK.evaluating():   # not counted in the run's cpu_seconds
+            if last or (self.eval_interval and done % self.eval_interval == 0):
+                out.update(self.evaluate(sample_fn, sample_each))
+            if self.fid_tracker is not None and (last or done % self.fid_every == 0):
+                out.update(self.fid(fid_sample_fn or sample_fn))
         return out
 
     def evaluate(self, sample_fn, sample_each=None):

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -288,12 +289,14 @@ def test_digit_classifier_is_accurate_and_cached(data_root):
 
 # ---- copying a script, --ddp, bad input after the run folder ---------------------------------
 
-def test_a_script_copied_with_common_alone_runs(tmp_path):
+def test_a_script_copied_with_common_alone_runs(tmp_path, data_root):
     """A script copied beside common.py runs (digits: with data/digits.npz); fid.py is
     needed only for --fid_every, and its absence is a one-line error."""
     for name in ('racing_wgan.py', 'common.py', 'data/digits.npz'):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    # the session's trained digit classifier (training it again is 25 s of the same code)
+    shutil.copy(os.path.join(data_root, 'digit_classifier_digits.pt'), tmp_path / 'data')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH='')
     args = ['--n_iters', '3', '--img_size', '8', '--eval_samples', '100', '--data_root', str(tmp_path / 'data')]
     result = subprocess.run([sys.executable, 'racing_wgan.py'] + args, cwd=tmp_path, env=env,
@@ -333,3 +336,19 @@ def test_fd_digits_distance_equals_fid_py():
     assert ours == pytest.approx(fid.frechet_distance(*stats[0], *stats[1]), rel=1e-9)
     assert common.gaussian_frechet_distance(np.zeros(3), np.diag([1.0, 4.0, 9.0]), np.ones(3),
                                             np.diag([4.0, 1.0, 9.0])) == pytest.approx(3 + 1 + 1 + 0)
+
+
+def burn_cpu(seconds):
+    began = time.process_time()
+    while time.process_time() - began < seconds:
+        sum(i * i for i in range(1000))
+
+
+def test_training_clock_counts_cpu_time_and_leaves_evaluation_out():
+    clock = common.TrainingClock()
+    clock.start(seconds_before=5.0)     # a resumed run: the checkpoint's training seconds
+    burn_cpu(0.2)
+    with clock.evaluating():
+        burn_cpu(0.3)
+    burn_cpu(0.1)
+    assert 5.3 <= clock.seconds() < 5.38

@@ -118,7 +118,7 @@ def test_variants_step_and_clip(tmp_path, monkeypatch, data_root, variant):
     assert summary['iterations'] == 6 and 'fd_digits' in summary
     assert len(summary['final_G']) == (3 if '3' in variant else 2)
     rows = (tmp_path / 'run' / 'metrics.csv').read_text().splitlines()
-    assert rows[0].startswith('iteration,epoch,wall_seconds,D,G_0,G_1') and len(rows) == 7
+    assert rows[0].startswith('iteration,epoch,wall_seconds,cpu_seconds,D,G_0,G_1') and len(rows) == 7
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch, data_root):
@@ -137,6 +137,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, data_root):
             assert torch.equal(x['square_avg'], y['square_avg'])
     rows = (tmp_path / 'split' / 'metrics.csv').read_text().splitlines()[1:]
     assert [int(r.split(',')[0]) for r in rows] == list(range(1, 13))   # appended, no duplicates
+    cpu = [float(r['cpu_seconds']) for r in read_rows(tmp_path / 'split')]   # the clock goes on from the checkpoint
+    assert all(later > earlier for earlier, later in zip(cpu, cpu[1:])) and cpu[6] - cpu[5] < cpu[5]
     straight, split = read_rows(tmp_path / 'straight'), read_rows(tmp_path / 'split')
     for s, r in zip(straight, split):
         assert s['D'] == r['D']
