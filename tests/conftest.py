@@ -35,6 +35,23 @@ def run_script(name, args, cwd, timeout=300, env=None):
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(module, args, cwd, monkeypatch, capsys):
+    """run_script without starting an interpreter (3 s a time on CI): module.main() under
+    common.run_main, with sys.argv and the working directory set; returns a CompletedProcess. For
+    errors that need no real process; each script keeps real-process tests for the rest."""
+    import common
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', [module.__name__ + '.py'] + [str(a) for a in args])
+    capsys.readouterr()
+    code = 0
+    try:
+        common.run_main(module.main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, code, captured.out, captured.err)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

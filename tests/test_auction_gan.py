@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import (assert_one_line_error, load_script, run_main, run_script,
+from conftest import (assert_one_line_error, load_script, run_in_process, run_main, run_script,
                       run_torchrun_dumping_ranks)
 
 auction_gan = load_script('auction_gan')
@@ -339,13 +339,12 @@ def test_torchrun_two_processes_agree(tmp_path):
     assert result.stdout.count('[Epoch') == 4
 
 
-def test_bad_input_gives_one_line(tmp_path):
+def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys):
     assert_one_line_error(run_script('auction_gan', ['--n_gans', '1', '--no_auction'], tmp_path), '--n_gans 1')
-    assert_one_line_error(run_script('auction_gan', ['--gp', '10'], tmp_path), '--gp', '--loss wgan')
-    assert_one_line_error(run_script('auction_gan', ['--dataset', 'digits', '--img_size', '12'], tmp_path),
-                          '--img_size 12')
-    assert_one_line_error(run_script('auction_gan', ['--bid_norm', 'standard', '--lot_size', '1'], tmp_path),
-                          '--lot_size')
+    in_process = lambda args: run_in_process(auction_gan, args, tmp_path, monkeypatch, capsys)
+    assert_one_line_error(in_process(['--gp', '10']), '--gp', '--loss wgan')
+    assert_one_line_error(in_process(['--dataset', 'digits', '--img_size', '12']), '--img_size 12')
+    assert_one_line_error(in_process(['--bid_norm', 'standard', '--lot_size', '1']), '--lot_size')
 
 
 @pytest.mark.parametrize('flag, value', [('--lr', '-1'), ('--clip_value', '0'), ('--gp', '-0.1'),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import common
-from conftest import assert_one_line_error, load_script, run_main, run_script, run_torchrun_dumping_ranks
+from conftest import (assert_one_line_error, load_script, run_in_process, run_main, run_script,
+                      run_torchrun_dumping_ranks)
 
 pmgan = load_script('pmgan')
 TINY = ['--dataset', 'ring8', '--batch_size', '32', '--latent_dim', '4', '--width', '16', '--log_interval', '1',
@@ -315,9 +316,10 @@ def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
     assert e.value.code == 2 and len(err) == 1 and flag in err[0]
 
 
-def test_bad_input_gives_one_line(tmp_path):
+def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys):
     assert_one_line_error(run_script('pmgan', ['--n_gen', '0'], tmp_path), '--n_gen')
-    assert_one_line_error(run_script('pmgan', ['--trunc', '1.5'], tmp_path), '--trunc')
-    assert_one_line_error(run_script('pmgan', ['--dataset', 'digits', '--img_size', '12'], tmp_path), '--img_size')
+    in_process = lambda args: run_in_process(pmgan, args, tmp_path, monkeypatch, capsys)
+    assert_one_line_error(in_process(['--trunc', '1.5']), '--trunc')
+    assert_one_line_error(in_process(['--dataset', 'digits', '--img_size', '12']), '--img_size')
     (tmp_path / 'run').mkdir()
-    assert_one_line_error(run_script('pmgan', ['--resume', tmp_path / 'run'], tmp_path), 'no checkpoint')
+    assert_one_line_error(in_process(['--resume', tmp_path / 'run']), 'no checkpoint')

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from conftest import (assert_one_line_error, load_script, run_main, run_script,
+from conftest import (assert_one_line_error, load_script, run_in_process, run_main, run_script,
                       run_torchrun_dumping_ranks)
 
 racing_dcgan = load_script('racing_dcgan')
@@ -215,10 +215,11 @@ def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
     assert e.value.code == 2 and len(err) == 1 and flag in err[0]
 
 
-def test_bad_input_gives_one_line(tmp_path):
+def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys):
     assert_one_line_error(run_script('racing_dcgan', ['--img_size', '48'], tmp_path), '--img_size 48', 'power of two')
-    assert_one_line_error(run_script('racing_dcgan', ['--n_gen', '0'], tmp_path), '--n_gen')
-    assert_one_line_error(run_script('racing_dcgan', ['--dataset', 'ring8'], tmp_path), 'racing_wgan.py')
+    in_process = lambda args: run_in_process(racing_dcgan, args, tmp_path, monkeypatch, capsys)
+    assert_one_line_error(in_process(['--n_gen', '0']), '--n_gen')
+    assert_one_line_error(in_process(['--dataset', 'ring8']), 'racing_wgan.py')
     assert not os.path.exists(tmp_path / 'runs')                    # no run folder left behind
 
 

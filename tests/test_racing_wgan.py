@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import common
-from conftest import (assert_one_line_error, load_script, run_main, run_script,
+from conftest import (assert_one_line_error, load_script, run_in_process, run_main, run_script,
                       run_torchrun_dumping_ranks)
 
 racing_wgan = load_script('racing_wgan')
@@ -205,15 +205,13 @@ def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
     assert e.value.code == 2 and len(err) == 1 and flag in err[0]
 
 
-def test_bad_input_gives_one_line(tmp_path):
+def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys):
     assert_one_line_error(run_script('racing_wgan', ['--n_gen', '0'], tmp_path), '--n_gen')
-    assert_one_line_error(run_script('racing_wgan', ['--dataset', 'folder', '--data_root', tmp_path / 'nope'],
-                                     tmp_path), 'nope')
+    in_process = lambda args: run_in_process(racing_wgan, args, tmp_path, monkeypatch, capsys)
+    assert_one_line_error(in_process(['--dataset', 'folder', '--data_root', tmp_path / 'nope']), 'nope')
     (tmp_path / 'empty_run').mkdir()
-    assert_one_line_error(run_script('racing_wgan', ['--resume', tmp_path / 'empty_run'], tmp_path),
-                          'no checkpoint')
-    assert_one_line_error(run_script('racing_wgan', ['--dataset', 'mnist', '--data_root', tmp_path], tmp_path),
-                          'train-images-idx3-ubyte')
+    assert_one_line_error(in_process(['--resume', tmp_path / 'empty_run']), 'no checkpoint')
+    assert_one_line_error(in_process(['--dataset', 'mnist', '--data_root', tmp_path]), 'train-images-idx3-ubyte')
 
 
 @pytest.mark.skipif(shutil.which('cc') is None and shutil.which('gcc') is None,
