@@ -1,4 +1,5 @@
-"""Seed 002, Figures 1-2: six vanilla GANs and six WGANs on ring8 and grid25, with and without the auction.
+"""Figures 1-2 of Shim, Choe and Kim, "A Study on Auction-Inspired Multi-GAN Training": six vanilla
+GANs and six WGANs on ring8 and grid25, with and without the auction.
 
     OMP_NUM_THREADS=1 python bench/auction_modes.py             # runs, then tables + figures
     OMP_NUM_THREADS=1 python bench/auction_modes.py --report    # tables + figures from finished runs
@@ -28,8 +29,11 @@ import common  # noqa: E402
 
 LOSS_FLAGS = {'gan': ['--loss', 'gan'],
               'wgan': ['--loss', 'wgan', '--gp', '0.1', '--n_critic', '1'],                  # WGAN-GP, toy lambda
+              'wganstd': ['--loss', 'wgan', '--gp', '0.1', '--n_critic', '1', '--bid_norm', 'standard'],
               'wganclip': ['--loss', 'wgan', '--lr', '2e-4', '--n_critic', '5']}             # WGAN, clipping 0.01
-TITLES = {'gan': 'vanilla GANs', 'wgan': 'WGAN-GPs (gp 0.1)', 'wganclip': 'WGANs (weight clipping)'}
+TITLES = {'gan': 'vanilla GANs', 'wgan': 'WGAN-GPs (gp 0.1)', 'wganstd': 'WGAN-GPs (gp 0.1), standardised bids',
+          'wganclip': 'WGANs (weight clipping)'}
+AUCTION_ONLY = {'wganstd'}   # --bid_norm changes the auction only: without it the run is wgan's
 COMMON_FLAGS = ['--n_gans', '6', '--width', '64', '--batch_size', '64', '--lr', '5e-4', '--lot_size', '32',
                 '--log_interval', '250', '--eval_interval', '500', '--sample_interval', '0', '--ckpt_interval', '0']
 MODES = {'none': ['--no_auction'], 'auction': []}
@@ -41,7 +45,8 @@ def folder(runs_dir, loss, dataset, mode, seed):
 
 def sweep(a):
     jobs = [(loss, ds, mode, seed) for loss, ds, seed, mode in
-            itertools.product(a.losses, ('ring8', 'grid25'), a.seeds, MODES)]
+            itertools.product(a.losses, ('ring8', 'grid25'), a.seeds, MODES)
+            if not (loss in AUCTION_ONLY and mode == 'none')]
     todo = [j for j in jobs if not os.path.exists(os.path.join(folder(a.runs_dir, *j), 'summary.json'))]
     running = []
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -63,6 +68,9 @@ def sweep(a):
                 print(f'finished {job} rc={proc.returncode} in {time.time() - t0:.0f}s', flush=True)
 
 
+PRDC = ('precision_2d', 'recall_2d', 'density_2d', 'coverage_2d')
+
+
 def mean_std(values):
     return [round(statistics.mean(values), 4), round(statistics.stdev(values) if len(values) > 1 else 0.0, 4)]
 
@@ -80,7 +88,9 @@ def report(a):
             continue
         row = {'seeds': len(summaries), 'wall_seconds': mean_std([s['wall_seconds'] for s in summaries])}
         pair = lambda s, key: [s[f'{key}_{i}'] for i in range(len(s['wins']))]   # <figure>_<i>: pair i's
-        for key in ('modes_covered', 'hq_fraction', 'kl_uniform'):
+        for key in ('modes_covered', 'hq_fraction', 'kl_uniform') + PRDC:
+            if key not in summaries[0]:   # runs from before the precision/recall figures
+                continue
             row['union_' + key] = mean_std([s[key] for s in summaries])
             row['pair_' + key] = mean_std([v for s in summaries for v in pair(s, key)])
         row['union_modes_per_seed'] = [s['modes_covered'] for s in summaries]
@@ -94,15 +104,17 @@ def report(a):
                                                  for i, v in enumerate(pair(s, key)) if i != t])
         table[f'{loss}-{ds}-{mode}'] = row
     n_modes = {'ring8': 8, 'grid25': 25}
-    lines = ['| loss | data | auction | union modes | union HQ | union KL | pair modes | pair HQ | pair KL | seeds |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+    lines = ['| loss | data | auction | union modes | union HQ | union KL | union precision / recall / coverage | '
+             'pair modes | pair HQ | pair KL | pair coverage | seeds |', '|---' * 12 + '|']
     for key, r in table.items():
         loss, ds, mode = key.split('-')
-        f = lambda v, d=2: f'{v[0]:.{d}f} +- {v[1]:.{d}f}'
+        f = lambda v, d=2: f'{v[0]:.{d}f} +- {v[1]:.{d}f}' if v else '-'
         lines.append(f'| {loss} | {ds} | {"yes" if mode == "auction" else "no"} | {f(r["union_modes_covered"], 1)} '
                      f'/ {n_modes[ds]} | {f(r["union_hq_fraction"], 3)} | {f(r["union_kl_uniform"])} | '
+                     f'{f(r.get("union_precision_2d"))} / {f(r.get("union_recall_2d"))} / '
+                     f'{f(r.get("union_coverage_2d"))} | '
                      f'{f(r["pair_modes_covered"], 1)} | {f(r["pair_hq_fraction"], 3)} | {f(r["pair_kl_uniform"])} | '
-                     f'{r["seeds"]} |')
+                     f'{f(r.get("pair_coverage_2d"))} | {r["seeds"]} |')
     lines += ['', '| loss | data | most-winning pair: modes, HQ | the other pairs: modes, HQ |', '|---|---|---|---|']
     for key, r in table.items():
         if key.endswith('-auction'):
@@ -137,7 +149,8 @@ def scatter_figure(a, loss, ds):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    runs = {mode: folder(a.runs_dir, loss, ds, mode, a.seeds[0]) for mode in MODES}
+    runs = {mode: folder(a.runs_dir, 'wgan' if loss in AUCTION_ONLY and mode == 'none' else loss, ds, mode,
+                         a.seeds[0]) for mode in MODES}
     if not all(os.path.exists(os.path.join(r, 'ckpt.pt')) for r in runs.values()):
         return
     centres = common.toy_centres(ds)[0]
@@ -167,8 +180,8 @@ def scatter_figure(a, loss, ds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--n_iters', type=int, default=2000)
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--n_iters', type=int, default=6000)
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     p.add_argument('--jobs', type=int, default=2, help='runs at once')
     p.add_argument('--losses', nargs='+', choices=list(LOSS_FLAGS), default=list(LOSS_FLAGS))
     p.add_argument('--runs_dir', default=os.path.join(REPO, 'runs', 'bench_auction_modes'))

@@ -1,4 +1,5 @@
-"""Seed 003's experiment, on a CPU: R = 1, 2, 4, 50 generator updates per discriminator update,
+"""The experiment of Weaver, "Robot vs. Robot: Evening the Field in Deep Convolutional GANs for Small
+Datasets", on a CPU: R = 1, 2, 4, 50 generator updates per discriminator update,
 192 images, the same seed and the same number of discriminator updates for every R.
 
     OMP_NUM_THREADS=1 python bench/g_advantage_ratios.py                    # digits --subset 192

@@ -172,7 +172,7 @@ def test_external_links_are_arxiv_abstracts_only():
 
 # Built so that this file does not match itself: the parent folder's shared notes, the design
 # notes, the seed papers by number, and their folder.
-OUTSIDE = re.compile('|'.join([r'\.\./' + 'shared', 'DESIG' + 'N', 'seed 00' + '[0-4]', 'seed' + 's/']))
+OUTSIDE = re.compile('|'.join([r'\.\./' + 'shared', 'DESIG' + 'N', '(?i:seed 00' + '[0-4])', 'seed' + 's/']))
 
 
 def repository_files():
