@@ -81,7 +81,7 @@ TASKS = {
                            methods={m: METHODS_IMAGES[m] for m in METHODS_IMAGES if m != 'biggan_sn'}, n_iters={
         'racing_wgan': 6000, 'racing_wgan_K1': 8000, 'racing_dcgan': 300, 'racing_dcgan_K1': 500,
         'pmgan': 600, 'pmgan_K1': 800, 'auction_gan': 240, 'auction_gan_none': 350,
-        'g_advantage_dcgan': 180, 'g_advantage_R1': 500}),
+        'g_advantage_dcgan': 180, 'g_advantage_R1': 400}),
 }
 QUICK = {   # the same code path in seconds: two tasks, two methods, one seed, a few iterations
     'ring8': dict(TASKS['ring8'], seeds=range(1), cpu_budget=0.5, evaluations=2,
@@ -149,11 +149,12 @@ def train(a, tasks, jobs):
 # ---- the report ----------------------------------------------------------------------------
 
 def groups_of(a, tasks, task):
-    """{method: [its run folders with metrics so far]}, in the order of the task's methods."""
+    """{method: [its finished run folders]}, in the order of the task's methods (a run still going,
+    or stopped, joins the tables when it has finished: tools/compare_runs.py --table shows it now)."""
     out = {}
     for method in tasks[task]['methods']:
         folders = [run_folder(a.runs_dir, task, method, s) for s in tasks[task]['seeds']]
-        folders = [f for f in folders if os.path.exists(os.path.join(f, 'metrics.csv'))]
+        folders = [f for f in folders if finished(f)]
         if folders:
             out[method] = folders
     return out
@@ -245,6 +246,33 @@ def reading(groups, budgets):
     return sentences
 
 
+def overview(a, tasks):
+    """Markdown lines: one row per method, one column per task, the task's main figure at the end
+    (mean +- sd over the finished seeds, their number): the README's table."""
+    columns = {}
+    for task, t in tasks.items():
+        groups = groups_of(a, tasks, task)
+        if groups:
+            rows = compare_runs.method_rows(groups, [])
+            columns[task] = ({m: v[-1] for m, v in rows.items()},
+                             compare_runs.MAIN_FIGURE[compare_runs.data_kind(next(iter(groups.values()))[0])])
+    if not columns:
+        return []
+    methods = list(dict.fromkeys(m for t in tasks.values() for m in t['methods']))
+    lines = ['| method | ' + ' | '.join(f'{task}: {main} ({"higher" if better == "higher" else "lower"} is better)'
+                                        for task, (_, (main, better)) in columns.items()) + ' |',
+             '|---' * (len(columns) + 1) + '|']
+    for method in methods:
+        cells = []
+        for task, (ends, (main, _)) in columns.items():
+            values = ends.get(method, {}).get(main, [])
+            cells.append(f'{compare_runs.mean_sd(values, compare_runs.digits_for(main))} ({len(values)})'
+                         if values else '')
+        if any(cells):
+            lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
 def report(a, tasks):
     os.makedirs(a.results_dir, exist_ok=True)
     command_line = 'python bench/leaderboard.py' + (' --quick' if a.quick else '')
@@ -252,7 +280,9 @@ def report(a, tasks):
             f'Written by `{command_line}` (bench/leaderboard.py). Machine: '
             f'{os.cpu_count()}-core CPU, one thread per run, --jobs {a.jobs} runs at a time. CPU seconds count '
             'training only (the evaluation, identical for every method, is left out); each cell is mean +- sd '
-            'over the seeds that reached it, "runs" says how many of the seeds did.', '']
+            'over the finished seeds that reached it, "runs" says how many did.', '',
+            '## Overview: the main figure at the end (mean +- sd over seeds, how many)', '']
+    text += overview(a, tasks) + ['']
     for task, t in tasks.items():
         groups = groups_of(a, tasks, task)
         if not groups:
@@ -304,7 +334,9 @@ def main():
     a.results_dir = a.results_dir or (os.path.join(a.runs_dir, 'results') if a.quick
                                       else os.path.join(REPO, 'bench', 'results'))
     if not a.report:
-        jobs = [(task, method, seed) for task, t in tasks.items() for seed in t['seeds']
+        # seed by seed across the tasks: a leaderboard stopped early has every task's first seeds
+        jobs = [(task, method, seed) for seed in range(max(len(t['seeds']) for t in tasks.values()))
+                for task, t in tasks.items() if seed in t['seeds']
                 for method in t['methods'] if not a.methods or method in a.methods]
         train(a, tasks, jobs)
     report(a, QUICK if a.quick else TASKS)   # every run so far, not only the ones selected
