@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py grid25    # K=1 / 8 / 25 (+ const), 3 seeds
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked   # stacked-digits, K = 1, 4, 8 (reduced)
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_gb   # K = 4, 8 with 128 fakes per generator
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_ablation   # beta scale / const / decay / share_dc, K = 8
 
 Each run is the plain command line printed before it (run folders under bench/work/pmgan/; a
 finished run is reused). Writes bench/results/pmgan_modes_<experiment>.md (table: mean and
@@ -29,6 +30,7 @@ WORK = os.path.join(REPO, 'bench', 'work', 'pmgan')
 RESULTS = os.path.join(REPO, 'bench', 'results')
 LOG = ['--log_interval', '1000', '--sample_interval', '0', '--ckpt_interval', '0']
 STACKED = ['--dataset', 'stacked-digits', '--width', '32', '--batch_size', '128', '--n_iters', '1500']
+LONG = STACKED[:-1] + ['4500']
 EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
     'ring8': (range(5), [('K8_balance', ['--dataset', 'ring8', '--n_gen', '8']),
                          ('K8_const', ['--dataset', 'ring8', '--n_gen', '8', '--beta_mode', 'const']),
@@ -41,6 +43,15 @@ EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
                            ('K8', STACKED + ['--n_gen', '8'])]),
     'stacked_gb': (range(1), [('K4_gen_batch128', STACKED + ['--n_gen', '4', '--gen_batch', '128']),
                               ('K8_gen_batch128', STACKED + ['--n_gen', '8', '--gen_batch', '128'])]),
+    # stage 1 of the balance ablation: one seed per setting, 3x the iterations of 'stacked'
+    'stacked_ablation': (range(1), [
+        ('K1', LONG + ['--n_gen', '1']),
+        ('K8_scale1', LONG + ['--n_gen', '8']),
+        ('K8_scaleK', LONG + ['--n_gen', '8', '--beta_scale', '8']),
+        ('K8_const1', LONG + ['--n_gen', '8', '--beta_mode', 'const', '--beta', '1']),
+        ('K8_const0.01', LONG + ['--n_gen', '8', '--beta_mode', 'const', '--beta', '0.01']),
+        ('K8_no_share_dc', LONG + ['--n_gen', '8', '--no-share_dc']),
+        ('K8_decay', LONG + ['--n_gen', '8', '--beta_decay', '0.001'])]),
 }
 
 
