@@ -122,12 +122,16 @@ def command(a, tasks, task, method, seed):
 
 
 def train(a, tasks, jobs):
-    """Run the jobs not finished yet, a.jobs at a time; a failed run stops the leaderboard."""
+    """Run the jobs not finished yet, a.jobs at a time. A failed run (or a stopped one: Ctrl-C stops
+    every run at a checkpoint) starts no further runs; the leaderboard then stops with its log's end."""
     todo = [j for j in jobs if not finished(run_folder(a.runs_dir, *j))]
     print(f'{len(jobs) - len(todo)} of {len(jobs)} runs finished already; {len(todo)} to run', flush=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    failures = []
 
     def one(job):
+        if failures:
+            return
         cmd = command(a, tasks, *job)
         log_path = os.path.join(a.runs_dir, job[0], 'logs', f'{job[1]}-s{job[2]}.txt')
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -139,11 +143,14 @@ def train(a, tasks, jobs):
         if code != 0:
             with open(log_path) as log:
                 tail = log.read().strip().splitlines()[-3:]
-            raise SystemExit(f'{" ".join(map(str, job))} failed (exit {code}, log {log_path}): {" / ".join(tail)}')
+            failures.append(f'{" ".join(map(str, job))} failed (exit {code}, log {log_path}): {" / ".join(tail)}')
+            return
         print(f'finished {job[0]} {job[1]} seed {job[2]} in {time.time() - began:.0f} s', flush=True)
 
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(one, todo))
+    if failures:
+        raise SystemExit('\n'.join(failures))
 
 
 # ---- the report ----------------------------------------------------------------------------

@@ -162,8 +162,19 @@ def test_compare_runs_prints_the_same_table(quick):
     assert printed.count('| racing_wgan |') == 3 and printed in markdown
 
 
-def test_unknown_task_or_method_is_one_line(tmp_path, data_root):
+def test_unknown_task_or_method_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, 'bench', 'leaderboard.py'), '--methods', 'nope',
                              '--runs_dir', str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and 'unknown nope' in result.stderr and 'pmgan_K1' in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_a_failed_run_starts_no_further_runs(tmp_path):
+    broken = tmp_path / 'runs' / 'ring8' / 'racing_wgan-s0'
+    broken.mkdir(parents=True)
+    (broken / 'ckpt.pt').write_bytes(b'not a checkpoint')     # --resume auto refuses it in one line
+    cmd = [sys.executable, os.path.join(REPO, 'bench', 'leaderboard.py'), '--quick', '--tasks', 'ring8', '--jobs', '1',
+           '--runs_dir', str(tmp_path / 'runs'), '--results_dir', str(tmp_path / 'results'), '--data_root', str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 1 and 'ring8 racing_wgan 0 failed (exit 2' in result.stderr
+    assert not (tmp_path / 'runs' / 'ring8' / 'racing_wgan_K1-s0').exists()
