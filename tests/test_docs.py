@@ -246,3 +246,11 @@ def test_the_readme_main_command_runs(tmp_path):
         assert (out / name).exists(), name
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['iterations'] == 5 and 'fd_digits' in summary and summary['best_iteration'] == 5
+
+
+def test_the_readme_leaderboard_is_the_results_files():
+    """The README's leaderboard table is copied from bench/results/leaderboard.md, not retyped."""
+    readme = read('README.md').split('## Leaderboard', 1)[1].split('\n## ', 1)[0]
+    table = [line for line in readme.splitlines() if line.startswith('|')]
+    results = read(os.path.join('bench', 'results', 'leaderboard.md')).splitlines()
+    assert len(table) >= 4 and all(line in results for line in table)
