@@ -9,7 +9,7 @@ against training compute.
 Tasks: ring8 and grid25 (2-D, 5 seeds), stacked-digits and digits (images, 3 seeds). Methods: each
 script that applies, in the configuration its docs page gives for the task, and the single-generator
 (or no-auction, or R = 1) baseline it reduces to. Every run is an ordinary run folder,
-<runs_dir>/<task>/<method>-s<seed>/, started with --resume auto: a run with a summary.json is
+bench/leaderboard_runs/<task>/<method>-s<seed>/, started with --resume auto: a run with a summary.json is
 skipped, a stopped one continues from its checkpoint, so a stopped leaderboard continues where it
 was. Runs go --jobs at a time, one thread each.
 
@@ -324,9 +324,9 @@ def main():
     p.add_argument('--quick', action='store_true', help='a tiny version: two tasks, two methods, seconds')
     p.add_argument('--report', action='store_true', help='only the tables and figures (of all runs so far)')
     p.add_argument('--jobs', type=int, default=2, help='runs at once (one thread each)')
-    p.add_argument('--runs_dir', default=None, help='default runs/leaderboard (runs/leaderboard-quick)')
-    p.add_argument('--results_dir', default=None, help='default bench/results (a temporary-looking '
-                   'runs/leaderboard-quick/results with --quick)')
+    p.add_argument('--runs_dir', default=None, help='default bench/leaderboard_runs (kept in the repository '
+                   'without checkpoints); with --quick runs/leaderboard-quick')
+    p.add_argument('--results_dir', default=None, help='default bench/results; with --quick <runs_dir>/results')
     p.add_argument('--data_root', default=os.path.join(REPO, 'data'))
     a = p.parse_args()
     tasks = QUICK if a.quick else TASKS
@@ -336,8 +336,8 @@ def main():
         p.error(f'unknown {", ".join(unknown)}: tasks are {", ".join(tasks)}; methods '
                 f'{", ".join(dict.fromkeys(m for t in tasks.values() for m in t["methods"]))}')
     tasks = {name: t for name, t in tasks.items() if not a.tasks or name in a.tasks}
-    suffix = '-quick' if a.quick else ''
-    a.runs_dir = a.runs_dir or os.path.join(REPO, 'runs', 'leaderboard' + suffix)
+    a.runs_dir = a.runs_dir or (os.path.join(REPO, 'runs', 'leaderboard-quick') if a.quick
+                                else os.path.join(REPO, 'bench', 'leaderboard_runs'))
     a.results_dir = a.results_dir or (os.path.join(a.runs_dir, 'results') if a.quick
                                       else os.path.join(REPO, 'bench', 'results'))
     if not a.report:

@@ -3,7 +3,7 @@ line per run, per generator too, against iterations), or print the leaderboard's
 
     python tools/compare_runs.py runs/racing_dcgan/digits-001 runs/racing_dcgan/digits-002 -o cmp.png
     python tools/compare_runs.py runs/*/digits-00[1-3] --labels wgan dcgan pmgan -o cmp.png
-    python tools/compare_runs.py --table runs/leaderboard/ring8/* my_runs/ring8-* --budgets 50 100
+    python tools/compare_runs.py --table bench/leaderboard_runs/ring8/* my_runs/ring8-* --budgets 50 100
 
 A run is named by its folder; where two folders share a name, by as much of the path as tells
 them apart. A path to a metrics.csv itself works as well as its folder.
