@@ -52,6 +52,14 @@ def run_in_process(module, args, cwd, monkeypatch, capsys):
     return subprocess.CompletedProcess(sys.argv, code, captured.out, captured.err)
 
 
+def run_fid_cli(capsys, *argv):
+    """fid.py's command line in this process: (exit code, stdout lines, non-empty stderr lines)."""
+    import fid
+    rc = fid.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out.strip().splitlines(), [line for line in cap.err.splitlines() if line]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -19,6 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fid  # noqa: E402
+from conftest import run_fid_cli as run_cli  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings('ignore::UserWarning'),
               pytest.mark.filterwarnings('ignore::DeprecationWarning'),
@@ -79,12 +80,6 @@ def folders(tmp_path_factory):
             Image.fromarray(img).save(d / f'{i}.{ext}', quality=90)
         out.append(str(d))
     return out
-
-
-def run_cli(capsys, *argv):
-    rc = fid.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out.strip().splitlines(), [l for l in cap.err.splitlines() if l]
 
 
 # --- the network and pytorch-fid ------------------------------------------

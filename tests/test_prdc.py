@@ -19,6 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fid  # noqa: E402
+from conftest import run_fid_cli as run_cli  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings('ignore::UserWarning'),
               pytest.mark.filterwarnings('ignore::DeprecationWarning')]
@@ -340,12 +341,6 @@ def folders(tmp_path_factory):
             Image.fromarray(img).save(root / name / f'{i}.png')
         out.append(str(root / name))
     return out
-
-
-def run_cli(capsys, *argv):
-    rc = fid.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out.strip().splitlines(), [l for l in cap.err.splitlines() if l]
 
 
 def test_cli_prdc_equals_api(torch_home, folders, capsys):

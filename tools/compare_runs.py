@@ -163,7 +163,7 @@ def table(groups, budgets):
         names += [n for n in (f'{main} per generator', 'overlap_mean')
                   if any(n in p for per in rows.values() for p in per)]
         points = [f'at {b:g} CPU s' for b in budgets] + ['at the end']
-        for title, point in zip(points, range(len(points))):
+        for point, title in enumerate(points):
             lines += [f'**{dataset}, {title}** (main figure {main}, {better} is better; mean +- sd over seeds)', '',
                       '| method | runs | iterations | CPU s | ' + ' | '.join(names) + ' |',
                       '|---' * (len(names) + 4) + '|']
