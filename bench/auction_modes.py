@@ -5,8 +5,10 @@ GANs and six WGANs on ring8 and grid25, with and without the auction.
     OMP_NUM_THREADS=1 python bench/auction_modes.py --report    # tables + figures from finished runs
 
 Every (loss, data set, seed) is trained twice with identical flags, once with the auction every
-iteration and once with --no_auction. Runs go to runs/bench_auction_modes/ (a finished run is
-skipped, so an interrupted sweep continues). The report gives, per condition, mean +- std over seeds
+iteration and once with --no_auction, 20,000 iterations (the baselines need about that to
+reach real quality on grid25). Runs go to runs/bench_auction_modes/, seed by seed (a finished run
+is skipped, a stopped one continues from its checkpoint, so an interrupted sweep continues and
+holds every condition for its first seeds). The report gives, per condition, mean +- std over seeds
 of the union's modes covered / high-quality fraction / KL to uniform, and the same for single pairs
 (over all seeds x 6 pairs); it writes bench/results/auction_modes.md and one scatter figure per
 (loss, data set): seed 0, each pair's generator in its own panel, top row without the auction,
@@ -35,7 +37,8 @@ TITLES = {'gan': 'vanilla GANs', 'wgan': 'WGAN-GPs (gp 0.1)', 'wganstd': 'WGAN-G
           'wganclip': 'WGANs (weight clipping)'}
 AUCTION_ONLY = {'wganstd'}   # --bid_norm changes the auction only: without it the run is wgan's
 COMMON_FLAGS = ['--n_gans', '6', '--width', '64', '--batch_size', '64', '--lr', '5e-4', '--lot_size', '32',
-                '--log_interval', '250', '--eval_interval', '500', '--sample_interval', '0', '--ckpt_interval', '0']
+                '--log_interval', '1000', '--eval_interval', '2000', '--sample_interval', '0',
+                '--ckpt_interval', '2000', '--resume', 'auto']   # a stopped run continues from its checkpoint
 MODES = {'none': ['--no_auction'], 'auction': []}
 
 
@@ -44,8 +47,8 @@ def folder(runs_dir, loss, dataset, mode, seed):
 
 
 def sweep(a):
-    jobs = [(loss, ds, mode, seed) for loss, ds, seed, mode in
-            itertools.product(a.losses, ('ring8', 'grid25'), a.seeds, MODES)
+    jobs = [(loss, ds, mode, seed) for seed, loss, ds, mode in   # seed-major: a stopped sweep has every condition
+            itertools.product(a.seeds, a.losses, ('ring8', 'grid25'), MODES)
             if not (loss in AUCTION_ONLY and mode == 'none')]
     todo = [j for j in jobs if not os.path.exists(os.path.join(folder(a.runs_dir, *j), 'summary.json'))]
     running = []
@@ -180,7 +183,7 @@ def scatter_figure(a, loss, ds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--n_iters', type=int, default=6000)
+    p.add_argument('--n_iters', type=int, default=20000)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     p.add_argument('--jobs', type=int, default=2, help='runs at once')
     p.add_argument('--losses', nargs='+', choices=list(LOSS_FLAGS), default=list(LOSS_FLAGS))

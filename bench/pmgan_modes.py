@@ -1,14 +1,17 @@
 """Mode coverage of pmgan.py: ring8, grid25 and stacked-digits, several seeds per setting.
 
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py ring8     # K=8 balance / const / K=1, 5 seeds
-    OMP_NUM_THREADS=1 python bench/pmgan_modes.py grid25    # K=1 / 8 / 25 (+ const), 3 seeds
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py grid25    # K=1 / 8 / 25 (+ const), 5 seeds
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked   # stacked-digits, K = 1, 4, 8 (reduced)
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_gb   # K = 4, 8 with 128 fakes per generator
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_ablation   # beta scale / const / decay / share_dc, K = 8
 
 Each run is the plain command line printed before it (run folders under bench/work/pmgan/; a
-finished run is reused). Writes bench/results/pmgan_modes_<experiment>.md (table: mean and
-spread over seeds, per-seed values) and, for 2-D sets, one scatter figure per setting
+finished run is reused, a stopped one continues from its checkpoint: --resume auto). Writes
+bench/results/pmgan_modes_<experiment>.md (table: mean +- sd over seeds of modes, KL (and on the
+2-D sets high-quality fraction, precision, recall, density, coverage), the mean over generators
+of each generator's own modes, per-seed modes, training CPU seconds) and, for 2-D sets, one
+scatter figure per setting
 (bench/results/pmgan_<experiment>_<setting>.png, one panel per seed, one colour per generator).
 """
 import argparse
@@ -28,14 +31,14 @@ import pmgan   # noqa: E402
 
 WORK = os.path.join(REPO, 'bench', 'work', 'pmgan')
 RESULTS = os.path.join(REPO, 'bench', 'results')
-LOG = ['--log_interval', '1000', '--sample_interval', '0', '--ckpt_interval', '0']
+LOG = ['--log_interval', '1000', '--sample_interval', '0', '--ckpt_interval', '500', '--resume', 'auto']
 STACKED = ['--dataset', 'stacked-digits', '--width', '32', '--batch_size', '128', '--n_iters', '1500']
 LONG = STACKED[:-1] + ['4500']
 EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
     'ring8': (range(5), [('K8_balance', ['--dataset', 'ring8', '--n_gen', '8']),
                          ('K8_const', ['--dataset', 'ring8', '--n_gen', '8', '--beta_mode', 'const']),
                          ('K1', ['--dataset', 'ring8', '--n_gen', '1'])]),
-    'grid25': (range(3), [('K1', ['--dataset', 'grid25', '--n_gen', '1']),
+    'grid25': (range(5), [('K1', ['--dataset', 'grid25', '--n_gen', '1']),
                           ('K8_balance', ['--dataset', 'grid25', '--n_gen', '8']),
                           ('K25_balance', ['--dataset', 'grid25', '--n_gen', '25']),
                           ('K25_const', ['--dataset', 'grid25', '--n_gen', '25', '--beta_mode', 'const'])]),
@@ -58,9 +61,7 @@ EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
 def run(experiment, setting, flags, seed):
     out = os.path.join(WORK, experiment, f'{setting}-seed{seed}')
     summary = os.path.join(out, 'summary.json')
-    if not os.path.exists(summary):
-        if os.path.exists(out):
-            subprocess.run(['rm', '-rf', out], check=True)
+    if not os.path.exists(summary):   # --resume auto: a stopped run continues from its checkpoint
         cmd = ['python', 'pmgan.py'] + flags + ['--seed', str(seed), '--out_dir', out] + LOG
         print('$ OMP_NUM_THREADS=1 ' + ' '.join(cmd), flush=True)
         subprocess.run([sys.executable] + cmd[1:], cwd=REPO, check=True, capture_output=True,
@@ -104,6 +105,15 @@ def scatter(experiment, setting, seeds):
     return path
 
 
+def n_gen(flags):
+    return int(flags[flags.index('--n_gen') + 1])
+
+
+def mean_sd(values):
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.3g} +- {sd:.2g}'
+
+
 def main():
     experiment = sys.argv[1]
     jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -116,22 +126,22 @@ def main():
         by_setting.setdefault(setting, []).append(summary)
 
     two_d = not experiment.startswith('stacked')
-    keys = ['modes_covered', 'hq_fraction', 'kl_uniform'] if two_d else ['modes_covered', 'kl_uniform']
-    lines = [f'| setting ({len(seeds)} seeds) | ' + ' | '.join(f'{k} mean +- sd' for k in keys)
-             + ' | modes per seed | wall s per run |', '|---' * (len(keys) + 3) + '|']
+    keys = ['modes_covered', 'kl_uniform']
+    keys += ['hq_fraction', 'precision_2d', 'recall_2d', 'density_2d', 'coverage_2d'] if two_d else []
+    lines = [f'| setting ({len(seeds)} seeds) | ' + ' | '.join(keys) + ' | modes of one generator (mean over '
+             'generators) | modes per seed | CPU s per run |', '|---' * (len(keys) + 4) + '|']
     for setting, flags in settings:
         rows = by_setting[setting]
-        cells = []
-        for k in keys:
-            values = [r[k] for r in rows]
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f'{statistics.mean(values):.3g} +- {sd:.2g}')
+        own_modes = [statistics.mean(r[f'modes_covered_{k}'] for k in range(K)) if (K := n_gen(flags)) > 1
+                     else r['modes_covered'] for r in rows]
+        cells = [mean_sd([r[k] for r in rows]) for k in keys] + [mean_sd(own_modes)]
         per_seed = ', '.join(str(r['modes_covered']) for r in rows)
-        wall = statistics.mean(r['wall_seconds'] for r in rows)
-        lines.append(f'| {setting}: `{" ".join(flags)}` | ' + ' | '.join(cells) + f' | {per_seed} | {wall:.0f} |')
+        cpu = statistics.mean(r['cpu_seconds'] for r in rows)
+        lines.append(f'| {setting}: `{" ".join(flags)}` | ' + ' | '.join(cells) + f' | {per_seed} | {cpu:.0f} |')
     figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if two_d else []
     text = '\n'.join([f'Command: `OMP_NUM_THREADS=1 python bench/pmgan_modes.py {experiment}` '
-                      f'(2-core CPU, shared); each run: `python pmgan.py <flags> --seed S {" ".join(LOG)}`', '']
+                      f'(2-core CPU, one thread per run); each run: `python pmgan.py <flags> --seed S {" ".join(LOG)}`. '
+                      'CPU s: training only (summary.json cpu_seconds, evaluations not counted).', '']
                      + lines + [''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in figures])
     with open(os.path.join(RESULTS, f'pmgan_modes_{experiment}.md'), 'w') as f:
         f.write(text + '\n')

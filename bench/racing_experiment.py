@@ -16,18 +16,18 @@ Output: a PNG (fd_digits against iterations, wall seconds and CPU seconds; mean 
 the min-max band), a PNG of each configuration's final samples (seed 0) and a markdown table: iterations, wall seconds and CPU seconds to reach two
 thresholds, set relative to the single generator's mean final value, and the final value.
 Wall seconds are metrics.csv's clock (evaluations included, the same for every configuration);
-on a shared machine they move with the load. CPU seconds are the load-independent cost: each
-run's process CPU time, less that of the same command for one iteration (start-up, data, final
-evaluation), spread evenly over its iterations.
+on a shared machine they move with the load. CPU seconds are the load-independent cost: the
+cpu_seconds column of metrics.csv (process CPU time since the training loop started, the time
+inside evaluations not counted). A second table gives the final precision, recall, density and
+coverage (digit features), per generator where there are two.
 
-    python bench/racing_experiment.py                       # about 12 CPU minutes
+    OMP_NUM_THREADS=1 python bench/racing_experiment.py      # about 40 CPU minutes
     python bench/racing_experiment.py --seeds 5 --wgan_iters 5000 --dcgan_iters 3000
 """
 import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -75,53 +75,42 @@ def fid_weights_present():
     return bool(os.environ.get('FID_WEIGHTS')) or os.path.isfile(fid.hub_weights_path())
 
 
-def run_once(script, config, seed, args, with_fid, startup=False):
-    """One training run; returns its folder (with the run's CPU seconds in cpu_seconds.json).
-    startup=True: the same command for one iteration, to measure the fixed cost of a run."""
+def run_once(script, config, seed, args, with_fid):
+    """One training run (skipped when its summary.json exists); returns its folder."""
     name, flags = config
     slug = name.replace(' ', '_').replace(',', '')
-    out = os.path.join(args.work, script, f'{slug}-{"startup" if startup else f"seed{seed}"}')
-    info = os.path.join(out, 'cpu_seconds.json')
-    if os.path.exists(os.path.join(out, 'summary.json')) and os.path.exists(info):
+    out = os.path.join(args.work, script, f'{slug}-seed{seed}')
+    if os.path.exists(os.path.join(out, 'summary.json')):
         return out
     every = script_args(script, args)[-1]
     cmd = [sys.executable, os.path.join(REPO, f'{script}.py'), *flags, '--seed', seed, '--out_dir', out,
            '--data_root', args.data_root, '--eval_samples', args.eval_samples, '--log_interval', every,
            '--sample_interval', 0, '--ckpt_interval', 0, *script_args(script, args)]
-    cmd += ['--n_iters', 1] if startup else []
     if with_fid:
         cmd += ['--fid_every', every, '--fid_samples', 2000]
     cmd = [str(c) for c in cmd]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(' '.join(cmd[1:]), flush=True)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1')))
     if result.returncode:
         sys.exit(f'run failed: {" ".join(cmd)}\n{result.stderr[-2000:]}')
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    with open(info, 'w') as f:
-        json.dump({'cpu_seconds': cpu}, f)
-    print(f'  {result.stdout.strip().splitlines()[-1]}  [cpu {cpu:.0f} s]', flush=True)
+    print(f'  {result.stdout.strip().splitlines()[-1]}', flush=True)
     return out
 
 
-def cpu_seconds(folder):
-    with open(os.path.join(folder, 'cpu_seconds.json')) as f:
-        return json.load(f)['cpu_seconds']
-
-
 def read_curve(folder, metric):
-    """(iterations, wall seconds, values) of one metric from a run's metrics.csv."""
+    """(iterations, wall seconds, CPU seconds, values) of one metric from a run's metrics.csv. CPU
+    seconds are the run's training clock (common.TrainingClock: process CPU time since the loop
+    started, evaluations not counted), so they do not move with the machine's load."""
     with open(os.path.join(folder, 'metrics.csv')) as f:
         rows = [r for r in csv.DictReader(f) if r.get(metric) not in (None, '')]
-    return (np.array([float(r['iteration']) for r in rows]), np.array([float(r['wall_seconds']) for r in rows]),
-            np.array([float(r[metric]) for r in rows]))
+    return tuple(np.array([float(r[key]) for r in rows]) for key in ('iteration', 'wall_seconds', 'cpu_seconds', metric))
 
 
-def first_reach(its, secs, values, threshold):
+def first_reach(its, wall, cpu, values, threshold):
+    """(iteration, wall s, CPU s) of the first evaluation at or below threshold (nan if none)."""
     hit = np.nonzero(values <= threshold)[0]
-    return (its[hit[0]], secs[hit[0]]) if len(hit) else (np.nan, np.nan)
+    return (its[hit[0]], wall[hit[0]], cpu[hit[0]]) if len(hit) else (np.nan,) * 3
 
 
 def fmt(values, digits=0):
@@ -133,8 +122,12 @@ def fmt(values, digits=0):
     return text + ('' if len(ok) == len(values) else f' ({len(ok)}/{len(values)} seeds)')
 
 
+PRDC = ('precision_digits', 'recall_digits', 'density_digits', 'coverage_digits')
+
+
 def analyse(runs, args, metric):
-    """Markdown table and figure from {(script, config name): [(folder, CPU s per iteration), ...]}."""
+    """Markdown tables and figure from {(script, config name): [run folder, ...]}: the first
+    evaluation reaching each threshold, then the final figures (PRDC, per generator where K > 1)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -144,27 +137,34 @@ def analyse(runs, args, metric):
         f'iterations to {t:g}x | wall s to {t:g}x | CPU s to {t:g}x' for t in args.thresholds) +
         f' | final {metric} | CPU s / 100 it |',
         '|' + '---|' * (4 + 3 * len(args.thresholds))]
+    finals = ['| script | configuration | ' + ' | '.join(k.split('_')[0] for k in PRDC) +
+              ' | coverage per generator | seeds |', '|' + '---|' * 8]
     for row, script in enumerate(scripts):
-        base = [read_curve(folder, metric)[2][-1] for folder, _ in runs[(script, 'n_gen 1')]]
+        base = [read_curve(folder, metric)[-1][-1] for folder in runs[(script, 'n_gen 1')]]
         thresholds = [t * float(np.mean(base)) for t in args.thresholds]
         for name, _ in configs(script):
-            curves = [read_curve(folder, metric) for folder, _ in runs[(script, name)]]
-            rates = [rate for _, rate in runs[(script, name)]]
+            folders = runs[(script, name)]
+            curves = [read_curve(folder, metric) for folder in folders]
             its = curves[0][0]
-            values = np.stack([c[2] for c in curves])            # (seeds, evals); same iterations
-            wall = np.stack([c[1] for c in curves]).mean(0)
-            for col, x in enumerate((its, wall, its * np.mean(rates))):
+            values = np.stack([c[-1] for c in curves])            # (seeds, evals); same iterations
+            for col in range(3):
+                x = np.stack([c[col] for c in curves]).mean(0)
                 line, = axes[row, col].plot(x, values.mean(0), lw=1.5, label=name)
                 axes[row, col].fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
             cells = []
             for t in thresholds:
                 reach = [first_reach(*c, t) for c in curves]
-                cells += [fmt([r[0] for r in reach]), fmt([r[1] for r in reach], 1),
-                          fmt([r[0] * rate for r, rate in zip(reach, rates)], 1)]
+                cells += [fmt([r[0] for r in reach]), fmt([r[1] for r in reach], 1), fmt([r[2] for r in reach], 1)]
+            rates = [100 * c[2][-1] / c[0][-1] for c in curves]
             lines.append(f'| {script} | {name} | ' + ' | '.join(cells) +
-                         f' | {fmt(values[:, -1], 1)} | {fmt([100 * r for r in rates], 2)} |')
+                         f' | {fmt(values[:, -1], 1)} | {fmt(rates, 2)} |')
+            summaries = [json.load(open(os.path.join(folder, 'summary.json'))) for folder in folders]
+            if metric == 'fd_digits' and PRDC[0] in summaries[0]:
+                per_gen = [[s[f'coverage_digits_{k}'] for s in summaries] for k in range(2) if f'coverage_digits_{k}' in summaries[0]]
+                finals.append(f'| {script} | {name} | ' + ' | '.join(fmt([s[k] for s in summaries], 3) for k in PRDC) +
+                              ' | ' + (' / '.join(fmt(v, 3) for v in per_gen) or '-') + f' | {len(summaries)} |')
         xlabels = ('iteration', 'wall seconds (metrics.csv, mean over seeds)',
-                   'CPU seconds (iterations x measured CPU s per iteration)')
+                   'CPU seconds (metrics.csv cpu_seconds: training only, mean over seeds)')
         for col, xlabel in enumerate(xlabels):
             ax = axes[row, col]
             for t, level in zip(args.thresholds, thresholds):
@@ -179,6 +179,10 @@ def analyse(runs, args, metric):
     os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     fig.savefig(args.png, dpi=80)
     plt.close(fig)
+    if len(finals) > 2:
+        lines += ['', f'At the end (mean ± sd over seeds): precision / recall / density / coverage of the samples '
+                  f'against the digits in the classifier\'s feature space ({args.eval_samples} samples); per generator: '
+                  f'coverage of generator 0 / 1 alone.', ''] + finals
     return '\n'.join(lines)
 
 
@@ -188,7 +192,7 @@ def sample_sheet(runs, args, png):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from PIL import Image
-    cells = [(script, name, folder) for (script, name), folders in runs.items() for folder, _ in folders[:1]]
+    cells = [(script, name, folders[0]) for (script, name), folders in runs.items()]
     fig, axes = plt.subplots(len(cells), 1, figsize=(6, 1.3 * len(cells)), squeeze=False)
     for ax, (script, name, folder) in zip(axes[:, 0], cells):
         grids = sorted(os.listdir(os.path.join(folder, 'samples')))
@@ -204,24 +208,17 @@ def main():
     args = parser.parse_args()
     with_fid = fid_weights_present()
     print(f'FID: {"on" if with_fid else "off (no Inception weights on this machine)"}', flush=True)
-    startup = {(script, config[0]): cpu_seconds(run_once(script, config, 0, args, with_fid, startup=True))
-               for script in args.scripts for config in configs(script)}
     runs = {}
     for seed in range(args.seeds):
         for script in args.scripts:
-            n_iters = args.wgan_iters if script == 'racing_wgan' else args.dcgan_iters
             for config in configs(script):
-                folder = run_once(script, config, seed, args, with_fid)
-                rate = (cpu_seconds(folder) - startup[(script, config[0])]) / n_iters   # CPU s per iteration
-                runs.setdefault((script, config[0]), []).append((folder, rate))
+                runs.setdefault((script, config[0]), []).append(run_once(script, config, seed, args, with_fid))
     tables = [analyse(runs, args, 'fd_digits')]
     sample_sheet(runs, args, args.png.replace('.png', '_samples.png'))
     if with_fid:
         fid_png = args.png.replace('.png', '_fid.png')
         tables.append(analyse(runs, argparse.Namespace(**{**vars(args), 'png': fid_png}), 'fid'))
     text = '\n\n'.join(tables)
-    text += '\n\nfixed CPU seconds per run (start-up, data, final evaluation; a 1-iteration run): ' + ', '.join(
-        f'{script} {name} {cpu:.1f}' for (script, name), cpu in startup.items())
     with open(os.path.join(args.work, 'table.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
