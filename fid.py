@@ -828,15 +828,28 @@ def _clean_eigenvalues(w, what, scale):
     return np.where(w > tol, w, 0.0)
 
 
-def _trace_sqrt_product(sigma1, sigma2):
+def sqrt_factor(sigma):
+    """(A, |sigma|) with A A^T = sigma for a symmetric PSD matrix: A = V diag(sqrt w) over the
+    nonzero eigenvalues w only (with N < d samples, A is d x (N - 1)). frechet_distance takes it
+    as sigma1_sqrt to skip sigma1's eigendecomposition when it measures many samples against the
+    same statistics (FIDTracker's real images)."""
+    w, v = np.linalg.eigh(sigma)
+    scale = np.abs(w).max()
+    w = _clean_eigenvalues(w, 'sigma1', scale)
+    keep = w > 0
+    return v[:, keep] * np.sqrt(w[keep]), scale
+
+
+def _trace_sqrt_product(sigma1, sigma2, sigma1_sqrt=None):
     """tr sqrt(sigma1 sigma2) for symmetric PSD matrices, in float64.
 
     With sigma1 = V diag(w) V^T and A = V diag(sqrt w), sigma1 sigma2 is
     similar to A^T sigma2 A (symmetric PSD), so tr sqrt(sigma1 sigma2) =
-    sum sqrt(eig(A^T sigma2 A)), as with sqrt(sigma1) sigma2 sqrt(sigma1)."""
-    w, v = np.linalg.eigh(sigma1)
-    w1 = np.abs(w).max()
-    a = v * np.sqrt(_clean_eigenvalues(w, 'sigma1', w1))
+    sum sqrt(eig(A^T sigma2 A)), as with sqrt(sigma1) sigma2 sqrt(sigma1).
+    A's columns for the zero eigenvalues are 0 and only add zero rows and
+    columns to A^T sigma2 A, so they are dropped (sqrt_factor): with N < d
+    samples the second eigendecomposition is N x N, not d x d."""
+    a, w1 = sigma1_sqrt if sigma1_sqrt is not None else sqrt_factor(sigma1)
     m = a.T @ sigma2 @ a
     lam = np.linalg.eigvalsh((m + m.T) / 2)
     # M's rounding error scales with |sigma1| |sigma2| (2-norm, here bounded
@@ -845,9 +858,10 @@ def _trace_sqrt_product(sigma1, sigma2):
     return np.sqrt(_clean_eigenvalues(lam, 'sigma2 (seen through sigma1)', scale)).sum()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, sigma1_sqrt=None):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), float64,
-    without scipy.linalg.sqrtm (see _trace_sqrt_product)."""
+    without scipy.linalg.sqrtm (see _trace_sqrt_product). sigma1_sqrt: sqrt_factor(sigma1),
+    when the same sigma1 is measured against many sigma2."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -859,7 +873,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise FIDError('statistics contain NaN or inf')
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     try:
-        tr = _trace_sqrt_product(s1, s2)
+        tr = _trace_sqrt_product(s1, s2, sigma1_sqrt)
     except np.linalg.LinAlgError:
         tr = float('nan')
     if not np.isfinite(tr):
@@ -1559,6 +1573,8 @@ class FIDTracker:
         self.mu, self.sigma = reference_statistics(
             f'{key}-n{len(real_images)}-d{dims}', real_images, self.model,
             cache_dir, batch_size)
+        sigma = np.asarray(self.sigma, np.float64)
+        self.sigma_sqrt = sqrt_factor((sigma + sigma.T) / 2)   # once: every score reuses it
         self.real_features = None
         if prdc:
             g = torch.Generator().manual_seed(0)
@@ -1572,7 +1588,7 @@ class FIDTracker:
         with_prdc = self.real_features is not None
         res = extract_generator(sample_fn, self.n_samples, self.model,
                                 self.batch_size, logits=isc, features=with_prdc)
-        out = {'fid': frechet_distance(self.mu, self.sigma, res['mu'], res['sigma'])}
+        out = {'fid': frechet_distance(self.mu, self.sigma, res['mu'], res['sigma'], sigma1_sqrt=self.sigma_sqrt)}
         if isc:
             out['is_mean'], out['is_std'] = inception_score(res['logits'])
         if with_prdc:                     # every rank holds all features: sharded
