@@ -12,7 +12,7 @@ Reduced settings (CPU minutes, not the seed's GPU hours): racing_wgan at 16x16 w
 MLPs, clipping and n_critic 5 for 1,500 iterations; racing_dcgan at 16x16 (the digits are 8x8, so
 nothing is lost) with ngf = ndf = 16 for 800 iterations; 1,000 samples per fd_digits.
 
-Output: a PNG (fd_digits against iterations, wall seconds and CPU seconds; mean over seeds with
+Output: bench/results/racing_experiment.md (the tables), a PNG (fd_digits against iterations, wall seconds and CPU seconds; mean over seeds with
 the min-max band), a PNG of each configuration's final samples (seed 0) and a markdown table: iterations, wall seconds and CPU seconds to reach two
 thresholds, set relative to the single generator's mean final value, and the final value.
 Wall seconds are metrics.csv's clock (evaluations included, the same for every configuration);
@@ -118,7 +118,8 @@ def fmt(values, digits=0):
     ok = [v for v in values if np.isfinite(v)]
     if not ok:
         return f'not reached (0/{len(values)})'
-    text = f'{np.mean(ok):.{digits}f} ± {np.std(ok):.{digits}f}'
+    sd = np.std(ok, ddof=1) if len(ok) > 1 else 0.0    # sample sd over the seeds
+    text = f'{np.mean(ok):.{digits}f} ± {sd:.{digits}f}'
     return text + ('' if len(ok) == len(values) else f' ({len(ok)}/{len(values)} seeds)')
 
 
@@ -219,8 +220,13 @@ def main():
         fid_png = args.png.replace('.png', '_fid.png')
         tables.append(analyse(runs, argparse.Namespace(**{**vars(args), 'png': fid_png}), 'fid'))
     text = '\n\n'.join(tables)
-    with open(os.path.join(args.work, 'table.md'), 'w') as f:
-        f.write(text + '\n')
+    command = 'OMP_NUM_THREADS=1 python bench/racing_experiment.py ' + ' '.join(sys.argv[1:])
+    header = (f'# The racing question: sooner to a quality? (written by bench/racing_experiment.py)\n\n'
+              f'Command: `{command.strip()}`; machine: 2-core CPU, one thread per run. Thresholds: '
+              f'{" and ".join(f"{t:g}x" for t in args.thresholds)} the --n_gen 1 mean final fd_digits; each cell '
+              f'mean ± sd over the seeds that reached it. CPU s: training only (metrics.csv cpu_seconds).\n\n')
+    with open(args.png.replace('.png', '.md'), 'w') as f:
+        f.write(header + text + '\n')
     print(text)
     print(f'figure: {args.png}')
 
