@@ -67,10 +67,10 @@ def train(args):
             cmd = command(name, seed, args)
             print('$ OMP_NUM_THREADS=1 python ' + ' '.join(os.path.relpath(c, REPO) if c.startswith(REPO) else c
                                                           for c in cmd), flush=True)
-            log = open(os.path.join(folder(name, seed), 'stdout.txt'), 'a')
-            running.append(((name, seed), subprocess.Popen([sys.executable] + cmd, cwd=REPO, stdout=log,
-                                                           stderr=subprocess.STDOUT,
-                                                           env=dict(os.environ, OMP_NUM_THREADS='1'))))
+            with open(os.path.join(folder(name, seed), 'stdout.txt'), 'a') as log:   # the child keeps its copy
+                running.append(((name, seed), subprocess.Popen([sys.executable] + cmd, cwd=REPO, stdout=log,
+                                                               stderr=subprocess.STDOUT,
+                                                               env=dict(os.environ, OMP_NUM_THREADS='1'))))
         time.sleep(2)
         for entry in list(running):
             job, proc = entry
