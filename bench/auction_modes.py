@@ -154,7 +154,7 @@ def scatter_figure(a, loss, ds):
     import matplotlib.pyplot as plt
     runs = {mode: folder(a.runs_dir, 'wgan' if loss in AUCTION_ONLY and mode == 'none' else loss, ds, mode,
                          a.seeds[0]) for mode in MODES}
-    if not all(os.path.exists(os.path.join(r, 'ckpt.pt')) for r in runs.values()):
+    if not all(os.path.exists(os.path.join(r, 'summary.json')) for r in runs.values()):   # both finished
         return
     centres = common.toy_centres(ds)[0]
     lim = 3 if ds == 'ring8' else 6
