@@ -89,7 +89,8 @@ def report(a):
                     summaries.append(json.load(f))
         if not summaries:
             continue
-        row = {'seeds': len(summaries), 'wall_seconds': mean_std([s['wall_seconds'] for s in summaries])}
+        row = {'seeds': len(summaries), 'wall_seconds': mean_std([s['wall_seconds'] for s in summaries]),
+               'cpu_seconds': mean_std([s['cpu_seconds'] for s in summaries])}
         pair = lambda s, key: [s[f'{key}_{i}'] for i in range(len(s['wins']))]   # <figure>_<i>: pair i's
         for key in ('modes_covered', 'hq_fraction', 'kl_uniform') + PRDC:
             if key not in summaries[0]:   # runs from before the precision/recall figures
@@ -108,7 +109,7 @@ def report(a):
         table[f'{loss}-{ds}-{mode}'] = row
     n_modes = {'ring8': 8, 'grid25': 25}
     lines = ['| loss | data | auction | union modes | union HQ | union KL | union precision / recall / coverage | '
-             'pair modes | pair HQ | pair KL | pair coverage | seeds |', '|---' * 12 + '|']
+             'pair modes | pair HQ | pair KL | pair coverage | CPU s | seeds |', '|---' * 13 + '|']
     for key, r in table.items():
         loss, ds, mode = key.split('-')
         f = lambda v, d=2: f'{v[0]:.{d}f} +- {v[1]:.{d}f}' if v else '-'
@@ -117,7 +118,7 @@ def report(a):
                      f'{f(r.get("union_precision_2d"))} / {f(r.get("union_recall_2d"))} / '
                      f'{f(r.get("union_coverage_2d"))} | '
                      f'{f(r["pair_modes_covered"], 1)} | {f(r["pair_hq_fraction"], 3)} | {f(r["pair_kl_uniform"])} | '
-                     f'{f(r.get("pair_coverage_2d"))} | {r["seeds"]} |')
+                     f'{f(r.get("pair_coverage_2d"))} | {f(r["cpu_seconds"], 0)} | {r["seeds"]} |')
     lines += ['', '| loss | data | most-winning pair: modes, HQ | the other pairs: modes, HQ |', '|---|---|---|---|']
     for key, r in table.items():
         if key.endswith('-auction'):
@@ -130,7 +131,9 @@ def report(a):
     with open(os.path.join(REPO, 'bench', 'results', 'auction_modes.md'), 'w') as f:
         f.write('# auction_gan.py: modes with and without the auction (written by bench/auction_modes.py)\n\n'
                 f'Command: `OMP_NUM_THREADS=1 python bench/auction_modes.py` (sweep, then this report); machine: '
-                f'2-core CPU, shared. Each cell: mean +- std over seeds (union) or over seeds x 6 pairs (pair).\n\n'
+                f'2-core CPU, one thread per run. {a.n_iters:,} iterations per run. Each cell: mean +- std over seeds '
+                f'(union) or over seeds x 6 pairs (pair). CPU s: training only (cpu_seconds, evaluations not '
+                f'counted).\n\n'
                 + '\n'.join(lines) + '\n\nRaw numbers:\n\n```json\n' + json.dumps(raw, indent=1) + '\n```\n')
     for loss, ds in itertools.product(LOSS_FLAGS, ('ring8', 'grid25')):
         scatter_figure(a, loss, ds)
