@@ -5,6 +5,8 @@
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked   # stacked-digits, K = 1, 4, 8 (reduced)
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_gb   # K = 4, 8 with 128 fakes per generator
     OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_ablation   # beta scale / const / decay / share_dc, K = 8
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_stage2     # its two best settings, K = 1, 4, 8, 3 seeds
+    OMP_NUM_THREADS=1 python bench/pmgan_modes.py stacked_stage2 --report   # the table so far
 
 Each run is the plain command line printed before it (run folders under bench/work/pmgan/; a
 finished run is reused, a stopped one continues from its checkpoint: --resume auto). Writes
@@ -55,6 +57,14 @@ EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
         ('K8_const0.01', LONG + ['--n_gen', '8', '--beta_mode', 'const', '--beta', '0.01']),
         ('K8_no_share_dc', LONG + ['--n_gen', '8', '--no-share_dc']),
         ('K8_decay', LONG + ['--n_gen', '8', '--beta_decay', '0.001'])]),
+    # stage 2: stage 1's two best K = 8 settings (the default balance, 626 modes; const beta 1, 590)
+    # for K = 1, 4, 8 over 3 seeds (at K = 1 the classifier term is 0: one baseline for both)
+    'stacked_stage2': (range(3), [
+        ('K1', LONG + ['--n_gen', '1']),
+        ('K4_scale1', LONG + ['--n_gen', '4']),
+        ('K8_scale1', LONG + ['--n_gen', '8']),
+        ('K4_const1', LONG + ['--n_gen', '4', '--beta_mode', 'const', '--beta', '1']),
+        ('K8_const1', LONG + ['--n_gen', '8', '--beta_mode', 'const', '--beta', '1'])]),
 }
 
 
@@ -114,21 +124,37 @@ def mean_sd(values):
     return f'{statistics.mean(values):.3g} +- {sd:.2g}'
 
 
+def finished(experiment, setting, flags, seed):
+    path = os.path.join(WORK, experiment, f'{setting}-seed{seed}', 'summary.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
 def main():
     experiment = sys.argv[1]
-    jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    report_only = '--report' in sys.argv   # the table from the runs that have finished
+    numbers = [a for a in sys.argv[2:] if a.isdigit()]
+    jobs = int(numbers[0]) if numbers else 2
     seeds, settings = EXPERIMENTS[experiment]
-    todo = [(setting, flags, seed) for setting, flags in settings for seed in seeds]
-    with ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(lambda t: run(experiment, *t), todo))
-    by_setting = {}
+    todo = [(setting, flags, seed) for seed in seeds for setting, flags in settings]   # seed-major
+    if report_only:
+        results = [finished(experiment, *t) for t in todo]
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(lambda t: run(experiment, *t), todo))
+    by_setting, seeds_of = {}, {}
     for (setting, flags, seed), summary in zip(todo, results):
-        by_setting.setdefault(setting, []).append(summary)
+        if summary is not None:
+            by_setting.setdefault(setting, []).append(summary)
+            seeds_of.setdefault(setting, []).append(seed)
+    settings = [(setting, flags) for setting, flags in settings if setting in by_setting]
 
     two_d = not experiment.startswith('stacked')
     keys = ['modes_covered', 'kl_uniform']
     keys += ['hq_fraction', 'precision_2d', 'recall_2d', 'density_2d', 'coverage_2d'] if two_d else []
-    lines = [f'| setting ({len(seeds)} seeds) | ' + ' | '.join(keys) + ' | modes of one generator (mean over '
+    lines = [f'| setting (seeds) | ' + ' | '.join(keys) + ' | modes of one generator (mean over '
              'generators) | modes per seed | CPU s per run |', '|---' * (len(keys) + 4) + '|']
     for setting, flags in settings:
         rows = by_setting[setting]
@@ -137,8 +163,9 @@ def main():
         cells = [mean_sd([r[k] for r in rows]) for k in keys] + [mean_sd(own_modes)]
         per_seed = ', '.join(str(r['modes_covered']) for r in rows)
         cpu = statistics.mean(r['cpu_seconds'] for r in rows)
-        lines.append(f'| {setting}: `{" ".join(flags)}` | ' + ' | '.join(cells) + f' | {per_seed} | {cpu:.0f} |')
-    figures = [scatter(experiment, s, list(seeds)) for s, _ in settings] if two_d else []
+        lines.append(f'| {setting}: `{" ".join(flags)}` ({len(rows)}) | ' + ' | '.join(cells) +
+                     f' | {per_seed} | {cpu:.0f} |')
+    figures = [scatter(experiment, s, seeds_of[s]) for s, _ in settings] if two_d else []
     text = '\n'.join([f'Command: `OMP_NUM_THREADS=1 python bench/pmgan_modes.py {experiment}` '
                       f'(2-core CPU, one thread per run); each run: `python pmgan.py <flags> --seed S {" ".join(LOG)}`. '
                       'CPU s: training only (summary.json cpu_seconds, evaluations not counted).', '']
