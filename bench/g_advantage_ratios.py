@@ -96,9 +96,8 @@ def figures(name, results):
         ax.set_title(f'{key}: {titles[key]}', fontsize=9)
     axes[0].set_ylabel('ln(L_G / L_D)')
     axes[0].legend(fontsize=8)
-    fig.suptitle(f'{name}{" --same_z" if args.same_z else ""}: log loss ratio (Weaver, Figure 1); seed '
-                 f'{seed} bold, seeds {args.seeds[1:]} faint' if len(args.seeds) > 1 else f'{name}: log loss ratio',
-                 fontsize=10)
+    others = f'; seed {seed} bold, seeds {args.seeds[1:]} faint' if len(args.seeds) > 1 else ''
+    fig.suptitle(f'{name}{" --same_z" if args.same_z else ""}: log loss ratio (Weaver, Figure 1){others}', fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f'g_advantage_{name}{args.tag}_logratio.png'), dpi=100)
     plt.close(fig)

@@ -69,15 +69,15 @@ EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
 
 
 def run(experiment, setting, flags, seed):
-    out = os.path.join(WORK, experiment, f'{setting}-seed{seed}')
-    summary = os.path.join(out, 'summary.json')
-    if not os.path.exists(summary):   # --resume auto: a stopped run continues from its checkpoint
+    """The run's summary, training it first unless it has finished (--resume auto: a stopped run
+    continues from its checkpoint)."""
+    if finished(experiment, setting, flags, seed) is None:
+        out = os.path.join(WORK, experiment, f'{setting}-seed{seed}')
         cmd = ['python', 'pmgan.py'] + flags + ['--seed', str(seed), '--out_dir', out] + LOG
         print('$ OMP_NUM_THREADS=1 ' + ' '.join(cmd), flush=True)
         subprocess.run([sys.executable] + cmd[1:], cwd=REPO, check=True, capture_output=True,
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
-    with open(summary) as f:
-        return json.load(f)
+    return finished(experiment, setting, flags, seed)
 
 
 def scatter(experiment, setting, seeds):

@@ -21,7 +21,7 @@ cpu_seconds column of metrics.csv (process CPU time since the training loop star
 inside evaluations not counted). A second table gives the final precision, recall, density and
 coverage (digit features), per generator where there are two.
 
-    OMP_NUM_THREADS=1 python bench/racing_experiment.py      # about 40 CPU minutes
+    OMP_NUM_THREADS=1 python bench/racing_experiment.py      # 40 min wall, 2-core CPU shared with 2 jobs
     python bench/racing_experiment.py --seeds 5 --wgan_iters 5000 --dcgan_iters 3000
 """
 import argparse
