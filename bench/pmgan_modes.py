@@ -71,13 +71,13 @@ EXPERIMENTS = {   # name: (seeds, [(setting, flags)])
 def run(experiment, setting, flags, seed):
     """The run's summary, training it first unless it has finished (--resume auto: a stopped run
     continues from its checkpoint)."""
-    if finished(experiment, setting, flags, seed) is None:
+    if finished(experiment, setting, seed) is None:
         out = os.path.join(WORK, experiment, f'{setting}-seed{seed}')
         cmd = ['python', 'pmgan.py'] + flags + ['--seed', str(seed), '--out_dir', out] + LOG
         print('$ OMP_NUM_THREADS=1 ' + ' '.join(cmd), flush=True)
         subprocess.run([sys.executable] + cmd[1:], cwd=REPO, check=True, capture_output=True,
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
-    return finished(experiment, setting, flags, seed)
+    return finished(experiment, setting, seed)
 
 
 def scatter(experiment, setting, seeds):
@@ -124,7 +124,8 @@ def mean_sd(values):
     return f'{statistics.mean(values):.3g} +- {sd:.2g}'
 
 
-def finished(experiment, setting, flags, seed):
+def finished(experiment, setting, seed):
+    """The run's summary.json, or None while it has not finished."""
     path = os.path.join(WORK, experiment, f'{setting}-seed{seed}', 'summary.json')
     if os.path.exists(path):
         with open(path) as f:
@@ -140,7 +141,7 @@ def main():
     seeds, settings = EXPERIMENTS[experiment]
     todo = [(setting, flags, seed) for seed in seeds for setting, flags in settings]   # seed-major
     if report_only:
-        results = [finished(experiment, *t) for t in todo]
+        results = [finished(experiment, setting, seed) for setting, _, seed in todo]
     else:
         with ThreadPoolExecutor(jobs) as pool:
             results = list(pool.map(lambda t: run(experiment, *t), todo))
@@ -154,7 +155,7 @@ def main():
     two_d = not experiment.startswith('stacked')
     keys = ['modes_covered', 'kl_uniform']
     keys += ['hq_fraction', 'precision_2d', 'recall_2d', 'density_2d', 'coverage_2d'] if two_d else []
-    lines = [f'| setting (seeds) | ' + ' | '.join(keys) + ' | modes of one generator (mean over '
+    lines = ['| setting (seeds) | ' + ' | '.join(keys) + ' | modes of one generator (mean over '
              'generators) | modes per seed | CPU s per run |', '|---' * (len(keys) + 4) + '|']
     for setting, flags in settings:
         rows = by_setting[setting]
