@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO, assert_one_line_error, free_port, load_script, run_main, run_script
+from conftest import REPO, assert_one_line_error, free_port, load_script, run_in_process, run_main, run_script
 
 SCRIPTS = ('racing_wgan', 'racing_dcgan', 'pmgan', 'auction_gan', 'g_advantage_dcgan', 'biggan_sn')
 RING8 = ['--dataset', 'ring8', '--batch_size', '32', '--latent_dim', '4', '--log_interval', '1',
@@ -387,8 +387,9 @@ def test_bad_shared_numbers_are_refused_when_parsed(name, capsys):
 
 
 @pytest.mark.parametrize('name', SCRIPTS)
-def test_help_keeps_the_usage_lines_and_hides_none_defaults(tmp_path, name):
-    result = run_script(name, ['--help'], tmp_path)
+def test_help_keeps_the_usage_lines_and_hides_none_defaults(tmp_path, name, monkeypatch, capsys):
+    monkeypatch.setenv('COLUMNS', '80')   # argparse wraps to the terminal: an 80-column one
+    result = run_in_process(load_script(name), ['--help'], tmp_path, monkeypatch, capsys)
     assert result.returncode == 0
     doc_lines = [line.strip() for line in load_script(name).__doc__.splitlines() if line.strip()]
     examples = [line for line in doc_lines if line.startswith(('python ', 'torchrun '))]
