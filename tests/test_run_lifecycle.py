@@ -389,9 +389,10 @@ def test_bad_shared_numbers_are_refused_when_parsed(name, capsys):
 @pytest.mark.parametrize('name', SCRIPTS)
 def test_help_keeps_the_usage_lines_and_hides_none_defaults(tmp_path, name, monkeypatch, capsys):
     monkeypatch.setenv('COLUMNS', '80')   # argparse wraps to the terminal: an 80-column one
-    result = run_in_process(load_script(name), ['--help'], tmp_path, monkeypatch, capsys)
+    module = load_script(name)
+    result = run_in_process(module, ['--help'], tmp_path, monkeypatch, capsys)
     assert result.returncode == 0
-    doc_lines = [line.strip() for line in load_script(name).__doc__.splitlines() if line.strip()]
+    doc_lines = [line.strip() for line in module.__doc__.splitlines() if line.strip()]
     examples = [line for line in doc_lines if line.startswith(('python ', 'torchrun '))]
     assert examples, 'the docstring shows commands'
     help_lines = [line.strip() for line in result.stdout.splitlines()]
